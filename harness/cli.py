@@ -1,0 +1,106 @@
+"""``harness run SWEEP.yaml``, ``harness report DIR/<study>``, ``harness eval DIR/<study>``.
+
+Errors a user can fix are printed as one line (``error: ...``) with exit code 2; no stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+
+from harness.errors import HarnessError
+
+
+def _cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from harness.config import load_sweep
+    from harness.driver import run_sweep
+
+    cfg = load_sweep(args.sweep)
+    updates = {}
+    if args.n_trials is not None:
+        if args.n_trials <= 0:
+            raise HarnessError(f"--n-trials must be > 0 (got {args.n_trials})")
+        updates["n_trials"] = args.n_trials
+    if args.storage:
+        updates["storage"] = args.storage
+    if updates:
+        cfg = type(cfg).model_validate({**cfg.model_dump(), **updates})
+    run = run_sweep(cfg, Path(args.sweep).resolve().parent, Path(args.results_dir), console)
+    if importlib.util.find_spec("polars") is None:
+        console.print(f"polars is not installed here: make the tables with `harness report {run.study_dir}`")
+        return 0
+    from harness.report import build_report
+
+    out = build_report(run.study_dir, cfg.storage)
+    console.print(f"report: {out['summary']}  {out['parquet']}  {out['plot']}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from harness.report import build_report
+
+    study_dir = Path(args.study_dir)
+    if not study_dir.is_dir():
+        raise HarnessError(f"{study_dir}: no such study folder (expected results/<study>)")
+    try:
+        out = build_report(study_dir, args.storage)
+    except FileNotFoundError as err:
+        raise HarnessError(str(err)) from None
+    except KeyError:
+        raise HarnessError(f"{study_dir}: the storage holds no study named '{study_dir.name}'") from None
+    console.print(out["summary"].read_text())
+    console.print(f"wrote {out['summary']}, {out['parquet']} and {out['plot']}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace, console: Console) -> int:
+    from harness.evaluate import adapter_val_loss
+
+    try:
+        loss = adapter_val_loss(Path(args.study_dir), args.adapter and Path(args.adapter))
+    except FileNotFoundError as err:
+        raise HarnessError(str(err)) from None
+    print(f"val_loss {loss:.6f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harness", description="Optuna sweeps of Unsloth LoRA fine-tuning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or continue) the sweep a YAML file describes")
+    run.add_argument("sweep", help="sweep file, e.g. sweeps/demo.yaml")
+    run.add_argument("--n-trials", type=int, help="the study's total number of trials (overrides the file)")
+    run.add_argument("--results-dir", default="results", help="where studies land (default: results)")
+    run.add_argument("--storage", help="Optuna storage URL (overrides the file; default SQLite in the study folder)")
+    run.set_defaults(func=_cmd_run)
+    report = sub.add_parser("report", help="rebuild trials.parquet, summary.md and curves.png from the storage")
+    report.add_argument("study_dir", help="results/<study>")
+    report.add_argument("--storage", help="storage URL when the study is not in the folder's study.db")
+    report.set_defaults(func=_cmd_report)
+    ev = sub.add_parser("eval", help="reload the best adapter and print its validation loss")
+    ev.add_argument("study_dir", help="results/<study>")
+    ev.add_argument("--adapter", help="adapter folder (default: <study_dir>/best)")
+    ev.set_defaults(func=_cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(soft_wrap=True)  # long paths stay on one line in logs
+    try:
+        return args.func(args, console)
+    except HarnessError as err:
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted: the running trial was marked failed")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Sweep files: YAML in, a validated :class:`SweepConfig` out.
+
+The file is read with ``yaml.safe_load`` (tags such as ``!!python/object`` are refused, nothing in
+a sweep file is ever executed) and validated with pydantic models that forbid unknown keys. Every
+error is one line naming the file and the key's dotted path.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+
+from harness.errors import SweepFileError
+
+Scalar = Union[bool, int, float, str]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Choices(_Strict):
+    """A categorical dimension: ``{choices: [2, 4, 8]}``."""
+
+    choices: list[Scalar] = Field(min_length=1)
+
+
+class Range(_Strict):
+    """A numeric range: ``{low: 1e-4, high: 1e-2, log: true}``; ``step`` makes it discrete."""
+
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Range":
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low:g}) is greater than high ({self.high:g})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0 (got low={self.low:g})")
+        if self.step is not None and self.step <= 0:
+            raise ValueError(f"step must be > 0 (got {self.step:g})")
+        if self.log and self.step is not None:
+            raise ValueError("a range cannot be both log and stepped")
+        return self
+
+
+def _dimension_kind(v: Any) -> str:
+    if isinstance(v, Choices) or (isinstance(v, dict) and "choices" in v):
+        return "Choices"
+    if isinstance(v, (Range, dict)):
+        return "Range"
+    return "Value"
+
+
+# Tagged so that an error reports the one shape the user meant, not every member of the union.
+Dimension = Annotated[
+    Union[Annotated[Choices, Tag("Choices")], Annotated[Range, Tag("Range")], Annotated[Scalar, Tag("Value")]],
+    Discriminator(_dimension_kind),
+]
+
+
+class SearchSpace(_Strict):
+    """What a trial varies. Each entry is a fixed value, ``{choices: [...]}`` or a range."""
+
+    batch_size: Dimension = Choices(choices=[2, 4])
+    grad_accum: Dimension = 1
+    learning_rate: Dimension = Range(low=1e-4, high=1e-2, log=True)
+    lora_r: Dimension = Choices(choices=[8, 16])
+    lora_alpha: Dimension = 16
+    lora_dropout: Dimension = 0.0
+    epochs: Dimension = 1
+    weight_decay: Dimension = 0.0
+    warmup_ratio: Dimension = 0.05
+
+    _integer = {"batch_size", "grad_accum", "lora_r", "lora_alpha", "epochs"}
+
+    @model_validator(mode="after")
+    def _typed(self) -> "SearchSpace":
+        for name in type(self).model_fields:
+            dim = getattr(self, name)
+            values: list[Any] = (
+                dim.choices if isinstance(dim, Choices)
+                else [dim.low, dim.high] if isinstance(dim, Range) else [dim]
+            )
+            for v in values:
+                if isinstance(v, (str, bool)):
+                    raise ValueError(f"{name}: expected a number, got {v!r}")
+                if name in self._integer and (float(v) != int(v) or v < 1):
+                    raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+                if name == "learning_rate" and v <= 0:
+                    raise ValueError(f"learning_rate: must be > 0, got {v!r}")
+        return self
+
+    def searched(self) -> dict[str, Choices | Range]:
+        """The dimensions that vary (fixed values are left out)."""
+        return {n: d for n in type(self).model_fields if isinstance(d := getattr(self, n), (Choices, Range))}
+
+    def fixed(self) -> dict[str, Any]:
+        return {n: d for n in type(self).model_fields if not isinstance(d := getattr(self, n), (Choices, Range))}
+
+
+class ModelConfig(_Strict):
+    """``name``: ``tiny-mistral`` (embedded default), a preset such as ``mistral-7b-v0.3`` (random
+    init, no download), a local folder, or a hub id (needs network)."""
+
+    name: str = Field(min_length=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    load_in_4bit: bool = False
+    gradient_checkpointing: Literal["unsloth", "true", "false"] | bool = "unsloth"
+    target_modules: list[str] = Field(
+        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], min_length=1
+    )
+
+
+class DatasetConfig(_Strict):
+    """``source``: ``shakespeare`` (embedded corpus) or a CSV file with a text column."""
+
+    source: str = "shakespeare"
+    text_column: str = "text"
+    validation: str | None = None
+    val_fraction: float = Field(default=0.02, gt=0, lt=1)
+    max_train_rows: int | None = Field(default=None, gt=0)
+    max_val_rows: int | None = Field(default=None, gt=0)
+
+
+class Budget(_Strict):
+    """Per trial: at most ``max_steps`` optimizer steps (and at most ``epochs`` passes)."""
+
+    max_steps: int | None = Field(default=None, gt=0)
+    eval_every: int = Field(default=10, gt=0)
+    timing_warmup_steps: int = Field(default=2, ge=0)
+
+
+class Objective(_Strict):
+    metric: Literal["val_loss"] = "val_loss"
+    direction: Literal["minimize", "maximize"] = "minimize"
+
+
+class SamplerConfig(_Strict):
+    name: Literal["tpe", "random", "grid"] = "tpe"
+    n_startup_trials: int = Field(default=3, ge=0)
+
+
+class PrunerConfig(_Strict):
+    name: Literal["median", "hyperband", "none"] = "median"
+    n_startup_trials: int = Field(default=1, ge=0)
+    n_warmup_steps: int = Field(default=0, ge=0)
+
+
+class WandbConfig(_Strict):
+    """``mode: auto`` is online when the user has W&B credentials, offline otherwise."""
+
+    project: str = "harness"
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+
+
+class SweepConfig(_Strict):
+    study: str = Field(min_length=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model: ModelConfig
+    dataset: DatasetConfig = DatasetConfig()
+    max_seq_length: int = Field(default=256, gt=1)
+    budget: Budget = Budget()
+    search_space: SearchSpace = SearchSpace()
+    objective: Objective = Objective()
+    sampler: SamplerConfig = SamplerConfig()
+    pruner: PrunerConfig = PrunerConfig()
+    n_trials: int = Field(default=8, gt=0)
+    timeout: float | None = Field(default=None, gt=0)
+    storage: str | None = None
+    wandb: WandbConfig = WandbConfig()
+
+    @field_validator("study")
+    @classmethod
+    def _study_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+            raise ValueError("use letters, digits, '.', '_' and '-' (it names a folder)")
+        return v
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^(sqlite|postgresql|postgresql\+\w+|mysql|mysql\+\w+)://", v):
+            raise ValueError("expected an RDB URL such as sqlite:///path.db or postgresql://host/db")
+        return v
+
+    @model_validator(mode="after")
+    def _grid_needs_finite(self) -> "SweepConfig":
+        if self.sampler.name == "grid":
+            for name, dim in self.search_space.searched().items():
+                if isinstance(dim, Range) and dim.step is None:
+                    raise ValueError(f"search_space.{name}: the grid sampler needs choices or a range with step")
+        return self
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    # pydantic puts union member names into the location ("Choices", "float", ...); users never
+    # wrote those, so keep only the keys and list indices of their file.
+    parts = [str(p) for p in loc if isinstance(p, int) or not (p[:1].isupper() or p in {"float", "int", "str", "bool"})]
+    return ".".join(parts) or "(top level)"
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    msg = first["msg"].removeprefix("Value error, ")
+    loc = first["loc"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{_dotted(loc)}: {msg}"
+
+
+def parse_sweep(data: Any, source: str = "<sweep>") -> SweepConfig:
+    """Validate an already-loaded mapping."""
+    if not isinstance(data, dict):
+        raise SweepFileError(f"{source}: expected a mapping of keys at the top level")
+    try:
+        return SweepConfig.model_validate(data)
+    except ValidationError as err:
+        raise SweepFileError(f"{source}: {_one_line(err)}") from None
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    """Read and validate a sweep file. Raises :class:`SweepFileError` with one clear line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SweepFileError(f"{path}: sweep file not found") from None
+    except UnicodeDecodeError as err:
+        raise SweepFileError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SweepFileError(f"{path}:{where}: not valid YAML or uses a tag that is not allowed ({problem})") from None
+    return parse_sweep(data, str(path))

@@ -1,0 +1,185 @@
+"""The sweep driver: sweep config → Optuna study → one process per trial → report.
+
+The driver imports neither torch nor unsloth. It asks Optuna for each trial (so sampling happens
+here, with the whole study's history), starts the trial's process, and tells Optuna how it ended.
+``n_trials`` is the study's total: a study that already has that many finished trials runs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from harness.config import SweepConfig
+from harness.launcher import TrialOutcome, TrialProcess, run_prepare
+from harness.study import create_study, default_storage, finished_count, redact, suggest
+
+STATES = {
+    "complete": optuna.trial.TrialState.COMPLETE,
+    "pruned": optuna.trial.TrialState.PRUNED,
+    "fail": optuna.trial.TrialState.FAIL,
+}
+
+
+@dataclass
+class SweepRun:
+    study_dir: Path
+    storage_url: str
+    ran: int
+    finished: int
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _fmt_params(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def _promote_best(study: optuna.Study, study_dir: Path, number: int) -> None:
+    """Keep the adapter of the best trial under ``best/`` and drop every other one."""
+    adapter = study_dir / "trials" / str(number) / "adapter"
+    if not adapter.exists():
+        return
+    try:
+        is_best = study.best_trial.number == number
+    except ValueError:
+        is_best = False
+    if not is_best:
+        shutil.rmtree(adapter, ignore_errors=True)
+        return
+    best, old = study_dir / "best", study_dir / "best.old"
+    shutil.rmtree(old, ignore_errors=True)
+    t = study.best_trial
+    _write_json(adapter / "trial.json", {"number": t.number, "val_loss": t.value, "params": t.params})
+    if best.exists():
+        os.replace(best, old)
+    os.replace(adapter, best)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class Display:
+    """Live progress: trials done of total with the best so far, and the current trial's steps."""
+
+    def __init__(self, console: Console, total: int, done: int):
+        self.console = console
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, transient=False,
+        )
+        self.trials = self.progress.add_task("trials", total=total, completed=done)
+        self.steps = self.progress.add_task("", total=1, visible=False)
+        self.best: str = "-"
+
+    def __enter__(self) -> "Display":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def start_trial(self, number: int, params: dict[str, Any]) -> None:
+        self.console.print(f"[bold]trial {number}[/] {_fmt_params(params)}")
+        self.progress.update(self.steps, description=f"  trial {number}: starting", completed=0, total=1, visible=True)
+
+    def on_event(self, number: int, ev: dict) -> None:
+        kind = ev.get("event")
+        if kind == "phase":
+            self.progress.update(self.steps, description=f"  trial {number}: {ev['phase']}")
+        elif kind == "step":
+            self.progress.update(self.steps, completed=ev["step"], total=ev["total"],
+                                 description=f"  trial {number}: step loss {ev['loss']:.3f}")
+        elif kind == "eval":
+            self.console.print(f"  step {ev['step']:>4}  val_loss {ev['val_loss']:.4f}" + ("  → prune" if ev["prune"] else ""))
+
+    def end_trial(self, number: int, outcome: TrialOutcome, study: optuna.Study) -> None:
+        m = outcome.metrics
+        if outcome.state == "fail":
+            first = (outcome.reason or "").splitlines()[0] if outcome.reason else ""
+            self.console.print(f"  [red]trial {number} failed[/]: {first}")
+        else:
+            tps = m.get("tokens_per_s")
+            self.console.print(
+                f"  trial {number} [green]{outcome.state}[/] val_loss {outcome.value:.4f}  "
+                f"{tps or 0:,.0f} tok/s  peak {m.get('peak_mem_mib', 0):,.0f} MiB  train {m.get('train_s', 0):.1f}s"
+            )
+        try:
+            self.best = f"{study.best_value:.4f} (trial {study.best_trial.number})"
+        except ValueError:
+            pass
+        self.progress.update(self.steps, visible=False)
+        self.progress.update(self.trials, advance=1, description=f"trials  best val_loss {self.best}")
+
+
+def run_sweep(
+    cfg: SweepConfig, sweep_dir: Path, results_dir: Path, console: Console | None = None,
+) -> SweepRun:
+    """Run the study until it holds ``cfg.n_trials`` finished trials (or ``cfg.timeout`` passes)."""
+    console = console or Console()
+    study_dir = (results_dir / cfg.study).resolve()
+    study_dir.mkdir(parents=True, exist_ok=True)
+    storage_url = cfg.storage or default_storage(study_dir)
+    # The storage URL may hold a password: it goes to trial processes by environment only.
+    _write_json(study_dir / "sweep.json", cfg.model_dump(mode="json", exclude={"storage"}))
+    _write_json(study_dir / "study.json", {"study": cfg.study, "storage": redact(storage_url)})
+
+    study = create_study(cfg, storage_url)
+    done = finished_count(study)
+    remaining = cfg.n_trials - done
+    console.print(f"study [bold]{cfg.study}[/]: {done} of {cfg.n_trials} trials finished; storage {redact(storage_url)}")
+    if remaining <= 0:
+        return SweepRun(study_dir, storage_url, 0, done)
+
+    with console.status("preparing model and data (once per study)"):
+        run_prepare(study_dir / "sweep.json", sweep_dir, study_dir / "prepared.json", study_dir / "prepare.log")
+    prepared = json.loads((study_dir / "prepared.json").read_text())
+    console.print(
+        f"data: {prepared['train_rows']:,} train rows ({prepared['train_token_count']:,} tokens), "
+        f"{prepared['val_rows']:,} validation rows; model {prepared['model_dir']} "
+        f"(prepared in {prepared['prepare_s']:.1f}s)"
+    )
+
+    deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
+    ran = 0
+    sampler = study.sampler
+    with Display(console, cfg.n_trials, done) as display:
+        while ran < remaining:
+            if deadline is not None and time.monotonic() >= deadline:
+                console.print("timeout reached: no new trials are started")
+                break
+            if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study):
+                console.print("grid exhausted")
+                break
+            trial = study.ask()
+            params = suggest(trial, cfg)
+            display.start_trial(trial.number, params)
+            process = TrialProcess(study_dir, trial.number, storage_url)
+            try:
+                outcome = process.run(lambda ev, n=trial.number: display.on_event(n, ev))
+            except KeyboardInterrupt:
+                process.kill()
+                trial.set_user_attr("fail_reason", "interrupted by the user")
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                raise
+            if outcome.reason:
+                trial.set_user_attr("fail_reason", outcome.reason[-4000:])
+            if outcome.state == "complete":
+                study.tell(trial, outcome.value)
+            else:
+                study.tell(trial, state=STATES[outcome.state])
+            _promote_best(study, study_dir, trial.number)
+            display.end_trial(trial.number, outcome, study)
+            ran += 1
+    return SweepRun(study_dir, storage_url, ran, finished_count(study))

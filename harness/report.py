@@ -1,0 +1,150 @@
+"""Tables from the Optuna storage alone: ``trials.parquet``, ``summary.md`` and ``curves.png``.
+
+``harness report results/<study>`` rebuilds all three. The storage is the study folder's
+``study.db`` unless ``--storage`` names another (a URL with a password is never written here).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import optuna
+import polars as pl
+
+from harness.study import default_storage, make_storage
+
+METRICS = ["val_loss", "tokens_per_s", "padded_tokens_per_s", "peak_mem_mib", "peak_alloc_mib", "peak_reserved_mib", "train_s",
+           "load_s", "import_s", "spawn_s", "steps", "tokens_trained"]
+
+
+def trials_frame(study: optuna.Study) -> pl.DataFrame:
+    """One row per trial: number, state, metrics, and one ``param_<name>`` column per searched parameter."""
+    param_names = sorted({k for t in study.get_trials(deepcopy=False) for k in t.params})
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        row: dict[str, Any] = {"number": t.number, "state": t.state.name}
+        for m in METRICS:
+            row[m] = t.user_attrs.get(m)
+        row["device"] = t.user_attrs.get("device")
+        row["gpu_name"] = t.user_attrs.get("gpu_name")
+        row["duration_s"] = t.duration.total_seconds() if t.duration else None
+        row["fail_reason"] = next(iter((t.user_attrs.get("fail_reason") or "").splitlines()), None)
+        for p in param_names:
+            row[f"param_{p}"] = t.params.get(p)
+        rows.append(row)
+    schema = {"number": pl.Int64, "state": pl.Utf8, **{m: pl.Float64 for m in METRICS}, "device": pl.Utf8,
+              "gpu_name": pl.Utf8, "duration_s": pl.Float64, "fail_reason": pl.Utf8}
+    schema.update({f"param_{p}": pl.Float64 for p in param_names})
+    return pl.DataFrame(rows, schema=schema, orient="row") if rows else pl.DataFrame(schema=schema)
+
+
+def _md(df: pl.DataFrame) -> str:
+    def cell(v: Any) -> str:
+        if v is None:
+            return ""
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        return str(v)
+
+    head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
+    return head + "".join("| " + " | ".join(cell(v) for v in r) + " |\n" for r in df.iter_rows())
+
+
+def marginals(df: pl.DataFrame, param_cols: list[str]) -> pl.DataFrame:
+    """Per parameter value (log-binned to a third of a decade when there are many values): trials, mean and best val_loss."""
+    done = df.filter(pl.col("val_loss").is_not_null() & pl.col("state").is_in(["COMPLETE", "PRUNED"]))
+    parts = []
+    for col in param_cols:
+        values = done.get_column(col).drop_nulls()
+        if values.n_unique() > 6 and values.min() > 0:
+            bucket = (pl.col(col).log10() * 3).floor() / 3
+            key = pl.format("{}–{}", (10**bucket).round_sig_figs(2), (10 ** (bucket + 1 / 3)).round_sig_figs(2))
+        else:
+            key = pl.col(col).cast(pl.Utf8)
+        parts.append(
+            done.group_by(key.alias("value"))
+            .agg(pl.len().alias("trials"), pl.col("val_loss").mean().alias("mean_val_loss"),
+                 pl.col("val_loss").min().alias("best_val_loss"), pl.col(col).min().alias("_order"))
+            .sort("_order").drop("_order")
+            .with_columns(pl.lit(col.removeprefix("param_")).alias("parameter"))
+            .select("parameter", "value", "trials", "mean_val_loss", "best_val_loss")
+        )
+    return pl.concat(parts) if parts else pl.DataFrame()
+
+
+def summary_markdown(study: optuna.Study, df: pl.DataFrame) -> str:
+    param_cols = [c for c in df.columns if c.startswith("param_")]
+    counts = df.group_by("state").len().sort("state")
+    lines = [f"# Study `{study.study_name}`", "",
+             "Trials: " + ", ".join(f"{s} {n}" for s, n in counts.iter_rows()), ""]
+    complete = df.filter(pl.col("state") == "COMPLETE").sort("val_loss")
+    shown = ["number", "val_loss", "tokens_per_s", "peak_mem_mib", "train_s", *param_cols]
+    if complete.height:
+        best = complete.row(0, named=True)
+        lines += ["## Best trial", "",
+                  f"Trial {best['number']}: validation loss **{best['val_loss']:.4f}**, "
+                  f"{best['tokens_per_s'] or 0:,.0f} tokens/s, peak memory {best['peak_mem_mib'] or 0:,.0f} MiB "
+                  f"on {best['gpu_name'] or best['device']}.", "",
+                  "Parameters: " + ", ".join(f"`{c.removeprefix('param_')}={best[c]:g}`" for c in param_cols), "",
+                  "Adapter and tokenizer: `best/`.", "",
+                  "## Top 5", "", _md(complete.head(5).select(shown)), ""]
+    else:
+        lines += ["No trial completed.", ""]
+    if param_cols:
+        lines += ["## Per parameter", "", "Complete and pruned trials (a pruned trial's loss is its last report).", "",
+                  _md(marginals(df, param_cols)), ""]
+    failed = df.filter(pl.col("state") == "FAIL")
+    if failed.height:
+        lines += ["## Failed trials", "", _md(failed.select("number", "fail_reason")), ""]
+    lines += ["Metrics: validation loss is the mean token-level cross-entropy over the validation split; "
+              "tokens/s counts non-padding tokens trained per second, warm-up steps and evaluation excluded; "
+              "peak memory is CUDA max reserved (GPU) or peak RSS (CPU).", ""]
+    return "\n".join(lines)
+
+
+def plot_curves(study: optuna.Study, out: Path) -> None:
+    """Validation loss against step for every trial, coloured by how it ended."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"COMPLETE": "tab:green", "PRUNED": "tab:orange", "FAIL": "tab:red", "RUNNING": "tab:gray"}
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for t in study.get_trials(deepcopy=False):
+        if not t.intermediate_values:
+            continue
+        steps, losses = zip(*sorted(t.intermediate_values.items()))
+        ax.plot(steps, losses, marker="o", ms=3, color=colors.get(t.state.name, "black"), alpha=0.8)
+        ax.annotate(str(t.number), (steps[-1], losses[-1]), fontsize=7, xytext=(3, 0), textcoords="offset points")
+    for state, c in colors.items():
+        ax.plot([], [], color=c, label=state.lower())
+    ax.set(xlabel="optimizer step", ylabel="validation loss", title=f"{study.study_name}: validation loss by trial")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out.with_name(out.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out)
+
+
+def build_report(study_dir: Path, storage_url: str | None = None) -> dict[str, Path]:
+    """Rebuild ``trials.parquet``, ``summary.md`` and ``curves.png`` in ``study_dir`` from the storage."""
+    study_dir = Path(study_dir)
+    url = storage_url or default_storage(study_dir)
+    if storage_url is None and not (study_dir / "study.db").exists():
+        raise FileNotFoundError(f"{study_dir}: no study.db here; pass --storage URL for a study kept elsewhere")
+    study = optuna.load_study(study_name=study_dir.name, storage=make_storage(url))
+    df = trials_frame(study)
+    out = {"parquet": study_dir / "trials.parquet", "summary": study_dir / "summary.md", "plot": study_dir / "curves.png"}
+    tmp = out["parquet"].with_suffix(".tmp.parquet")
+    df.write_parquet(tmp)
+    os.replace(tmp, out["parquet"])
+    tmp = out["summary"].with_suffix(".tmp.md")
+    tmp.write_text(summary_markdown(study, df))
+    os.replace(tmp, out["summary"])
+    plot_curves(study, out["plot"])
+    return out

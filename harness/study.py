@@ -1,0 +1,108 @@
+"""The Optuna side: storage, sampler, pruner, and turning the search space into ``suggest_*`` calls.
+
+Used by the driver (which asks for trials) and by each trial process (which reports to its trial
+and asks the same pruner whether to stop), so both build them from the same config here.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from harness.config import Choices, Range, SweepConfig
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def default_storage(study_dir: Path) -> str:
+    return f"sqlite:///{(study_dir / 'study.db').resolve()}"
+
+
+def redact(url: str) -> str:
+    """A storage URL fit for logs and results: any password replaced by ***."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def make_storage(url: str) -> optuna.storages.BaseStorage:
+    if url.startswith("sqlite"):
+        # Trial processes write to the same file as the driver; wait for the lock instead of failing.
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    return optuna.storages.RDBStorage(url)
+
+
+def make_sampler(cfg: SweepConfig) -> optuna.samplers.BaseSampler:
+    s = cfg.sampler
+    if s.name == "random":
+        return optuna.samplers.RandomSampler(seed=cfg.seed)
+    if s.name == "grid":
+        grid = {name: _grid_values(dim) for name, dim in cfg.search_space.searched().items()}
+        return optuna.samplers.GridSampler(grid, seed=cfg.seed)
+    return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=s.n_startup_trials)
+
+
+def make_pruner(cfg: SweepConfig) -> optuna.pruners.BasePruner:
+    p = cfg.pruner
+    if p.name == "none":
+        return optuna.pruners.NopPruner()
+    if p.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, p.n_warmup_steps or cfg.budget.eval_every))
+    return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
+
+
+def _grid_values(dim: Choices | Range) -> list[Any]:
+    if isinstance(dim, Choices):
+        return list(dim.choices)
+    n = int(round((dim.high - dim.low) / dim.step)) + 1
+    return [dim.low + i * dim.step for i in range(n)]
+
+
+INTEGER_PARAMS = {"batch_size", "grad_accum", "lora_r", "lora_alpha", "epochs"}
+
+
+def suggest(trial: optuna.Trial, cfg: SweepConfig) -> dict[str, Any]:
+    """Sample every searched dimension on ``trial``; fixed values are added as they are."""
+    params: dict[str, Any] = {}
+    for name, dim in cfg.search_space.searched().items():
+        if isinstance(dim, Choices):
+            params[name] = trial.suggest_categorical(name, dim.choices)
+        elif name in INTEGER_PARAMS:
+            params[name] = trial.suggest_int(name, int(dim.low), int(dim.high), step=int(dim.step or 1), log=dim.log)
+        else:
+            params[name] = trial.suggest_float(name, dim.low, dim.high, step=dim.step, log=dim.log)
+    params.update(cfg.search_space.fixed())
+    return _typed(params)
+
+
+def trial_params(trial: optuna.trial.BaseTrial | optuna.trial.FrozenTrial, cfg: SweepConfig) -> dict[str, Any]:
+    """A trial's full hyperparameters: what was sampled plus the fixed values."""
+    params = dict(cfg.search_space.fixed())
+    params.update(trial.params)
+    return _typed(params)
+
+
+def _typed(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: int(v) if k in INTEGER_PARAMS else float(v) for k, v in params.items()}
+
+
+def create_study(cfg: SweepConfig, storage_url: str) -> optuna.Study:
+    return optuna.create_study(
+        study_name=cfg.study, storage=make_storage(storage_url), sampler=make_sampler(cfg),
+        pruner=make_pruner(cfg), direction=cfg.objective.direction, load_if_exists=True,
+    )
+
+
+def load_study(cfg: SweepConfig, storage_url: str) -> optuna.Study:
+    return optuna.load_study(
+        study_name=cfg.study, storage=make_storage(storage_url), sampler=make_sampler(cfg), pruner=make_pruner(cfg),
+    )
+
+
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+
+
+def finished_count(study: optuna.Study) -> int:
+    """Trials that count towards ``n_trials``: every trial that has ended, whatever its state."""
+    return len(study.get_trials(deepcopy=False, states=FINISHED))

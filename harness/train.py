@@ -1,0 +1,224 @@
+"""The training step, readable in one page: Unsloth LoRA, dynamic padding, periodic validation.
+
+Imported only inside a trial process (it imports unsloth first, then torch).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import unsloth  # noqa: F401  (must come before transformers/peft: it patches them)
+from unsloth import FastLanguageModel
+
+import numpy as np
+import torch
+
+EVAL_BATCH_SIZE = 8  # fixed across trials so every trial's validation loss is computed alike
+
+
+@dataclass
+class TrainParams:
+    """One trial's hyperparameters (the search space's names)."""
+
+    batch_size: int
+    grad_accum: int
+    learning_rate: float
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    epochs: int
+    weight_decay: float
+    warmup_ratio: float
+
+
+@dataclass
+class TrainResult:
+    val_loss: float | None = None
+    stopped_early: bool = False  # the step hook asked to stop (Optuna pruned the trial)
+    steps: int = 0
+    total_steps: int = 0
+    tokens_trained: int = 0
+    tokens_per_s: float | None = None
+    padded_tokens_per_s: float | None = None  # counting padding too: what the GPU actually computed
+    train_s: float = 0.0
+    eval_s: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def load_rows(path: str) -> list[np.ndarray]:
+    """Token rows saved by :mod:`harness.prepare` (flat ids + offsets)."""
+    with np.load(path) as z:
+        tokens, offsets = z["tokens"], z["offsets"]
+    return [tokens[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+
+
+def collate(rows: list[np.ndarray], pad_id: int, device: str) -> dict[str, torch.Tensor]:
+    """Dynamic padding: pad to the longest row of this batch, padded positions masked out of the loss.
+
+    On CUDA the width is rounded up to a multiple of 64, so compiled kernels see a few shapes
+    instead of one per batch (each new shape costs a recompile).
+    """
+    width = max(len(r) for r in rows)
+    if device == "cuda":
+        width = -(-width // 64) * 64
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.from_numpy(r.astype(np.int64))
+        mask[i, : len(r)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return {k: v.to(device, non_blocking=True) for k, v in (("input_ids", ids), ("attention_mask", mask), ("labels", labels))}
+
+
+def predicted_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens the loss is averaged over: every label after the first position that is not padding."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def resolve_device(wanted: str) -> str:
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("the sweep file asks for device: cuda, but no CUDA GPU is visible here")
+    return "cuda" if wanted in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(wanted: str, device: str) -> torch.dtype:
+    if wanted != "auto":
+        return getattr(torch, wanted)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # bf16 matmuls are slow on most CPUs, and fp32 makes CPU results exact
+
+
+def load_model(model_dir: str, max_seq_length: int, dtype: torch.dtype, load_in_4bit: bool):
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=model_dir, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
+    )
+    return model, tokenizer
+
+
+def add_lora(model, p: TrainParams, target_modules: list[str], gradient_checkpointing, seed: int):
+    return FastLanguageModel.get_peft_model(
+        model, r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout,
+        target_modules=target_modules, bias="none", use_gradient_checkpointing=gradient_checkpointing,
+        random_state=seed,
+    )
+
+
+@torch.no_grad()
+def evaluate(model, rows: list[np.ndarray], pad_id: int, device: str) -> float:
+    """Mean token-level cross-entropy over all of ``rows`` (in a fixed order)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, count = 0.0, 0
+    for i in range(0, len(rows), EVAL_BATCH_SIZE):
+        batch = collate(rows[i : i + EVAL_BATCH_SIZE], pad_id, device)
+        n = predicted_tokens(batch)
+        if n == 0:
+            continue
+        loss_sum += float(model(**batch).loss.float()) * n
+        count += n
+    model.train(was_training)
+    return loss_sum / max(count, 1)
+
+
+def batches(rows: list[np.ndarray], batch_size: int, seed: int):
+    """Endless stream of micro-batches, reshuffled each epoch with a seed derived from ``seed``."""
+    epoch = 0
+    while True:
+        order = list(range(len(rows)))
+        random.Random(seed * 1000 + epoch).shuffle(order)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield [rows[j] for j in order[i : i + batch_size]]
+        epoch += 1
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def train(
+    model, train_rows, val_rows, p: TrainParams, *, pad_id: int, device: str, seed: int,
+    max_steps: int | None, eval_every: int, timing_warmup_steps: int,
+    on_step: Callable[[int, int, float], None], on_eval: Callable[[int, float], bool],
+) -> TrainResult:
+    """Train with AdamW and a linear warm-up/decay; validate every ``eval_every`` steps and at the end.
+
+    ``on_eval(step, val_loss)`` returning True stops training (the trial was pruned).
+    """
+    if len(train_rows) < p.batch_size:
+        raise ValueError(f"the training split has {len(train_rows)} rows, fewer than one batch of {p.batch_size}")
+    steps_per_epoch = max(1, len(train_rows) // (p.batch_size * p.grad_accum))
+    total = p.epochs * steps_per_epoch if max_steps is None else min(max_steps, p.epochs * steps_per_epoch)
+    warmup = int(p.warmup_ratio * total)
+    trainable = [t for t in model.parameters() if t.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=p.learning_rate, weight_decay=p.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+    )
+    result = TrainResult(total_steps=total)
+    stream = batches(train_rows, p.batch_size, seed)
+    timed_tokens, timed_padded, timed_s = 0, 0, 0.0
+    model.train()
+    for step in range(1, total + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        micro = [collate(next(stream), pad_id, device) for _ in range(p.grad_accum)]
+        n_total = sum(predicted_tokens(b) for b in micro)
+        step_loss = 0.0
+        for b in micro:
+            # Weight each micro-batch by its share of tokens: the step's loss is the token mean.
+            loss = model(**b).loss * (predicted_tokens(b) / n_total)
+            loss.backward()
+            step_loss += float(loss.detach())
+        if not math.isfinite(step_loss):
+            raise NonFiniteLoss(f"loss became {step_loss} at step {step}")
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        dt = time.perf_counter() - t0
+        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+        padded = sum(b["attention_mask"].numel() for b in micro)
+        result.tokens_trained += tokens
+        result.train_s += dt
+        if step > timing_warmup_steps or total <= timing_warmup_steps:
+            timed_tokens, timed_padded, timed_s = timed_tokens + tokens, timed_padded + padded, timed_s + dt
+        result.steps = step
+        on_step(step, total, step_loss)
+
+        if step % eval_every == 0 or step == total:
+            t0 = time.perf_counter()
+            result.val_loss = evaluate(model, val_rows, pad_id, device)
+            result.eval_s += time.perf_counter() - t0
+            result.tokens_per_s = timed_tokens / timed_s if timed_s else None
+            result.padded_tokens_per_s = timed_padded / timed_s if timed_s else None
+            result.history.append({"step": step, "train_loss": step_loss, "val_loss": result.val_loss,
+                                   "tokens_per_s": result.tokens_per_s})
+            if on_eval(step, result.val_loss) and step < total:
+                result.stopped_early = True
+                break
+    return result
+
+
+def peak_memory(device: str) -> dict[str, float]:
+    """Peak memory of this process in MiB: CUDA max allocated/reserved, or peak RSS on CPU."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    out = {"peak_rss_mib": round(rss, 1)}
+    if device == "cuda":
+        out["peak_alloc_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        out["peak_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+        out["peak_mem_mib"] = out["peak_reserved_mib"]
+    else:
+        out["peak_mem_mib"] = out["peak_rss_mib"]
+    return out

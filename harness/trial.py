@@ -1,0 +1,157 @@
+"""One trial, in its own process: ``python -m harness.trial STUDY_DIR TRIAL_NUMBER``.
+
+The driver has already asked Optuna for the trial (its parameters are in the storage). This
+process loads the study from ``HARNESS_STORAGE_URL`` (an environment variable, so a password never
+shows in a process list or a file), trains, reports validation loss to the trial at each
+evaluation, stops when the pruner says so, stores its metrics as the trial's user attributes,
+and writes ``trials/<n>/result.json`` for the driver, which then tells Optuna how it ended.
+
+Progress goes as JSON lines to the file descriptor in ``HARNESS_PROGRESS_FD`` when set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+SPAWNED_AT = float(os.environ.get("HARNESS_SPAWNED_AT", time.time()))
+os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+_t = time.perf_counter()
+from harness import train as T  # noqa: E402  (imports unsloth, then torch)
+
+IMPORT_S = time.perf_counter() - _t
+
+import optuna  # noqa: E402
+
+from harness.config import SweepConfig  # noqa: E402
+from harness.prepare import Prepared  # noqa: E402
+from harness.study import load_study, trial_params  # noqa: E402
+from harness.trackers import WandbTracker  # noqa: E402
+
+
+class Progress:
+    """JSON lines to the driver; silent when no descriptor was given."""
+
+    def __init__(self) -> None:
+        fd = os.environ.get("HARNESS_PROGRESS_FD")
+        self.out = os.fdopen(int(fd), "w", buffering=1) if fd else None
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        if self.out is not None:
+            try:
+                self.out.write(json.dumps({"event": event, **fields}) + "\n")
+            except OSError:
+                self.out = None  # the driver went away; training goes on and the result file remains
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def gradient_checkpointing(value) -> Any:
+    return {"true": True, "false": False}.get(value, value) if isinstance(value, str) else value
+
+
+def run_trial(study_dir: Path, number: int) -> dict[str, Any]:
+    cfg = SweepConfig.model_validate_json((study_dir / "sweep.json").read_text())
+    prepared = Prepared.load(study_dir / "prepared.json")
+    study = load_study(cfg, os.environ["HARNESS_STORAGE_URL"])
+    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    trial = optuna.trial.Trial(study, frozen._trial_id)
+    params = T.TrainParams(**trial_params(frozen, cfg))
+    trial_dir = study_dir / "trials" / str(number)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    progress = Progress()
+
+    device = T.resolve_device(cfg.device)
+    dtype = T.resolve_dtype(cfg.model.dtype, device)
+    metrics: dict[str, Any] = {
+        "device": device, "gpu_name": T.torch.cuda.get_device_name() if device == "cuda" else None,
+        "dtype": str(dtype).removeprefix("torch."), "import_s": round(IMPORT_S, 3),
+        "spawn_s": round(time.time() - SPAWNED_AT - IMPORT_S, 3),
+    }
+    if device == "cuda":
+        T.torch.cuda.reset_peak_memory_stats()
+    tracker_config = {**vars(params), "model": cfg.model.name, "seed": cfg.seed, "max_seq_length": cfg.max_seq_length}
+    with WandbTracker(cfg.wandb, cfg.study, number, tracker_config, study_dir / "wandb") as tracker:
+        progress("phase", phase="loading")
+        t0 = time.perf_counter()
+        model, tokenizer = T.load_model(prepared.model_dir, cfg.max_seq_length, dtype, cfg.model.load_in_4bit)
+        model = T.add_lora(model, params, cfg.model.target_modules,
+                           gradient_checkpointing(cfg.model.gradient_checkpointing), cfg.seed)
+        train_rows, val_rows = T.load_rows(prepared.train_tokens), T.load_rows(prepared.val_tokens)
+        metrics["load_s"] = round(time.perf_counter() - t0, 3)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            progress("step", step=step, total=total, loss=loss)
+
+        def on_eval(step: int, val_loss: float) -> bool:
+            trial.report(val_loss, step)
+            tracker.log({"val_loss": val_loss}, step=step)
+            prune = bool(trial.should_prune())
+            progress("eval", step=step, val_loss=val_loss, prune=prune)
+            return prune
+
+        progress("phase", phase="training")
+        result = T.train(
+            model, train_rows, val_rows, params, pad_id=pad_id, device=device, seed=cfg.seed,
+            max_steps=cfg.budget.max_steps, eval_every=cfg.budget.eval_every,
+            timing_warmup_steps=cfg.budget.timing_warmup_steps, on_step=on_step, on_eval=on_eval,
+        )
+        for h in result.history:
+            tracker.log({"train_loss": h["train_loss"], "tokens_per_s": h["tokens_per_s"]}, step=h["step"])
+        metrics.update(T.peak_memory(device))
+        metrics.update(
+            val_loss=result.val_loss, tokens_per_s=result.tokens_per_s and round(result.tokens_per_s, 1),
+            padded_tokens_per_s=result.padded_tokens_per_s and round(result.padded_tokens_per_s, 1),
+            train_s=round(result.train_s, 3), eval_s=round(result.eval_s, 3), steps=result.steps,
+            total_steps=result.total_steps, tokens_trained=result.tokens_trained,
+        )
+        state = "pruned" if result.stopped_early else "complete"
+        metrics["state"] = state
+        tracker.summarize(metrics)
+        for key, value in metrics.items():
+            trial.set_user_attr(key, value)
+        if state == "complete" and _beats_best(study, result.val_loss, cfg.objective.direction):
+            # Only a trial that may become the best keeps its adapter; the driver promotes it to best/.
+            model.save_pretrained(str(trial_dir / "adapter"))
+            tokenizer.save_pretrained(str(trial_dir / "adapter"))
+    return {"state": state, "value": result.val_loss, "metrics": metrics}
+
+
+def _beats_best(study, value: float, direction: str) -> bool:
+    try:
+        best = study.best_value
+    except ValueError:  # no complete trial yet
+        return True
+    return value < best if direction == "minimize" else value > best
+
+
+def main(argv: list[str] | None = None) -> int:
+    study_dir, number = (argv or sys.argv[1:])[:2]
+    study_dir, number = Path(study_dir), int(number)
+    result_file = study_dir / "trials" / str(number) / "result.json"
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        result = run_trial(study_dir, number)
+    except Exception as err:  # noqa: BLE001 - the reason goes to the driver, which marks the trial FAIL
+        traceback.print_exc()
+        kind = "nonfinite_loss" if isinstance(err, T.NonFiniteLoss) else type(err).__name__
+        write_json(result_file, {"state": "fail", "reason": f"{kind}: {err}"})
+        return 1
+    write_json(result_file, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Malformed sweep files: one clear line naming the file and the key's path, exit code 2."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_cli
+from harness.config import Choices, Range, load_sweep
+from harness.errors import SweepFileError
+
+VALID = {"study": "s", "model": {"name": "tiny-mistral"}}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "sweep.yaml"
+    p.write_text(text)
+    return p
+
+
+def with_(**changes):
+    d = yaml.safe_load(yaml.safe_dump(VALID))
+    for dotted, value in changes.items():
+        node = d
+        *parents, last = dotted.split("__")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[last] = value
+    return yaml.safe_dump(d)
+
+
+BAD = [
+    ("unknown key", with_(modle={"name": "x"}), "modle: unknown key"),
+    ("nested unknown key", with_(budget__max_stpes=3), "budget.max_stpes: unknown key"),
+    ("wrong type", with_(n_trials="many"), "n_trials:"),
+    ("empty choices", with_(search_space__lora_r={"choices": []}), "search_space.lora_r.choices"),
+    ("low > high", with_(search_space__learning_rate={"low": 0.1, "high": 0.01}), "search_space.learning_rate: low (0.1) is greater than high (0.01)"),
+    ("log range touching 0", with_(search_space__learning_rate={"low": 0.0, "high": 0.01, "log": True}), "search_space.learning_rate: a log range needs low > 0"),
+    ("unknown sampler", with_(sampler={"name": "bayes"}), "sampler.name:"),
+    ("unknown pruner", with_(pruner={"name": "asha"}), "pruner.name:"),
+    ("missing model", "study: s\n", "model: Field required"),
+    ("n_trials <= 0", with_(n_trials=0), "n_trials: Input should be greater than 0"),
+    ("bad storage URL", with_(storage="redis://localhost"), "storage: expected an RDB URL"),
+    ("python tag", "study: s\nmodel: !!python/object/apply:os.system ['echo pwned']\n", "not valid YAML or uses a tag that is not allowed"),
+    ("not a mapping", "- a\n- b\n", "expected a mapping"),
+    ("non-integer batch", with_(search_space__batch_size={"choices": [2, 2.5]}), "batch_size: expected a positive integer"),
+    ("grid over a float range", with_(sampler={"name": "grid"}), "search_space.learning_rate: the grid sampler needs choices"),
+    ("bad study name", with_(study="a/b"), "study:"),
+]
+
+
+@pytest.mark.parametrize("text,expected", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_sweep_names_the_key(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(SweepFileError) as err:
+        load_sweep(path)
+    msg = str(err.value)
+    assert msg.startswith(str(path)), msg
+    assert expected in msg, msg
+    assert "\n" not in msg
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path):
+    path = write(tmp_path, with_(search_space__learning_rate={"low": 0.1, "high": 0.01}))
+    proc = run_cli("run", str(path), "--results-dir", str(tmp_path / "r"))
+    assert proc.returncode == 2
+    lines = [l for l in proc.stdout.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "learning_rate" in lines[0], proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "r").exists(), "nothing is created for a sweep file that does not validate"
+
+
+def test_python_tag_is_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    path = write(tmp_path, f"study: s\nmodel: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(SweepFileError):
+        load_sweep(path)
+    assert not marker.exists()
+
+
+def test_missing_file():
+    with pytest.raises(SweepFileError, match="sweep file not found"):
+        load_sweep("nope/missing.yaml")
+
+
+def test_shipped_sweeps_validate():
+    for path in (ROOT / "sweeps").glob("*.yaml"):
+        cfg = load_sweep(path)
+        assert cfg.search_space.searched(), path
+    demo = load_sweep(ROOT / "sweeps" / "demo.yaml")
+    assert demo.model.name == "tiny-mistral" and demo.n_trials >= 4
+    assert isinstance(demo.search_space.learning_rate, Range) and demo.search_space.learning_rate.log
+    assert isinstance(demo.search_space.lora_r, Choices)

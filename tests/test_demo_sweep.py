@@ -1,0 +1,135 @@
+"""The demo sweep, for real: Unsloth (CPU fallback) LoRA trials of the embedded tiny Mistral on
+Shakespeare, one process per trial, results in the Optuna storage, tables made from the storage."""
+
+import json
+import shutil
+from pathlib import Path
+
+import optuna
+import polars as pl
+import pytest
+import yaml
+
+from conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.timeout(1500)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, harness_cache):
+    results = tmp_path_factory.mktemp("results")
+    proc = run_cli("run", "sweeps/demo.yaml", "--results-dir", str(results))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return results / "demo", proc
+
+
+def load(study_dir: Path) -> optuna.Study:
+    return optuna.load_study(study_name=study_dir.name, storage=f"sqlite:///{study_dir / 'study.db'}")
+
+
+def test_every_trial_is_recorded_with_its_metrics(demo):
+    study_dir, _ = demo
+    df = pl.read_parquet(study_dir / "trials.parquet")
+    n_trials = yaml.safe_load((ROOT / "sweeps/demo.yaml").read_text())["n_trials"]
+    assert df.height == n_trials >= 4
+    assert df["number"].to_list() == list(range(n_trials))
+    states = set(df["state"])
+    assert {"COMPLETE", "PRUNED"} <= states and states <= {"COMPLETE", "PRUNED"}, df
+    for col in ["param_batch_size", "param_grad_accum", "param_learning_rate", "param_lora_r"]:
+        assert df[col].null_count() == 0, col
+    for col in ["val_loss", "tokens_per_s", "peak_mem_mib", "train_s", "load_s"]:
+        assert df[col].null_count() == 0, col
+        assert (df[col] > 0).all(), col
+    # On CPU peak memory is the trial process's peak RSS: a real process, a few hundred MiB at least.
+    assert (df["peak_mem_mib"] > 200).all()
+    assert set(df["device"]) == {"cpu"}
+
+
+def test_validation_loss_falls_and_pruned_trials_stop_early(demo):
+    study = load(demo[0])
+    for t in study.trials:
+        steps = sorted(t.intermediate_values)
+        assert steps, t.number
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            first, last = t.intermediate_values[steps[0]], t.intermediate_values[steps[-1]]
+            assert last < first, (t.number, t.intermediate_values)
+            assert t.value == pytest.approx(last)
+            assert t.user_attrs["steps"] == t.user_attrs["total_steps"]
+        else:
+            assert t.user_attrs["steps"] < t.user_attrs["total_steps"], t.number
+
+
+def test_one_offline_wandb_run_per_trial(demo):
+    study_dir, _ = demo
+    runs = sorted((study_dir / "wandb" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == len(load(study_dir).trials)
+    for run in runs:
+        blob = run.read_bytes()  # the run's records: config, history and summary, protobuf-encoded
+        for key in (b"demo", b"learning_rate", b"lora_r", b"val_loss", b"tokens_per_s", b"peak_mem_mib"):
+            assert key in blob, (run, key)
+
+
+def test_best_adapter_reloads_to_the_same_validation_loss(demo):
+    study_dir, _ = demo
+    best = load(study_dir).best_trial
+    saved = json.loads((study_dir / "best" / "trial.json").read_text())
+    assert saved["number"] == best.number
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json"):
+        assert (study_dir / "best" / name).exists(), name
+    assert not list((study_dir / "trials").glob("*/adapter")), "only the best adapter is kept"
+    proc = run_cli("eval", str(study_dir))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    reloaded = float(proc.stdout.split("val_loss")[-1])
+    assert reloaded == pytest.approx(best.value, abs=1e-3)
+
+
+def test_summary_and_plot(demo):
+    study_dir, _ = demo
+    text = (study_dir / "summary.md").read_text()
+    best = load(study_dir).best_trial
+    for heading in ("## Best trial", "## Top 5", "## Per parameter"):
+        assert heading in text
+    assert f"Trial {best.number}: validation loss **{best.value:.4f}**" in text
+    assert "| learning_rate |" in text and "| lora_r |" in text
+    assert (study_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_rebuilds_from_the_storage_alone(demo, tmp_path):
+    study_dir, _ = demo
+    copy = tmp_path / "demo"
+    copy.mkdir()
+    shutil.copy(study_dir / "study.db", copy / "study.db")
+    proc = run_cli("report", str(copy))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rebuilt = pl.read_parquet(copy / "trials.parquet")
+    original = pl.read_parquet(study_dir / "trials.parquet")
+    assert rebuilt.equals(original)
+    assert (copy / "summary.md").read_text() == (study_dir / "summary.md").read_text()
+
+
+def test_n_trials_is_the_study_total(demo):
+    study_dir, _ = demo
+    before = len(load(study_dir).trials)
+    again = run_cli("run", "sweeps/demo.yaml", "--results-dir", str(study_dir.parent))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert len(load(study_dir).trials) == before, "a finished study runs nothing more"
+    more = run_cli("run", "sweeps/demo.yaml", "--results-dir", str(study_dir.parent), "--n-trials", str(before + 1))
+    assert more.returncode == 0, more.stdout + more.stderr
+    assert len(load(study_dir).trials) == before + 1
+    assert pl.read_parquet(study_dir / "trials.parquet").height == before + 1
+
+
+def test_a_failing_trial_is_recorded_and_the_driver_goes_on(tmp_path, harness_cache):
+    sweep = yaml.safe_load((ROOT / "sweeps/demo.yaml").read_text())
+    sweep.update(study="too-small", n_trials=2)
+    sweep["dataset"]["max_train_rows"] = 2  # fewer rows than one batch: every trial fails inside its process
+    path = tmp_path / "too-small.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    proc = run_cli("run", str(path), "--results-dir", str(tmp_path / "results"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    study_dir = tmp_path / "results" / "too-small"
+    df = pl.read_parquet(study_dir / "trials.parquet")
+    assert df["state"].to_list() == ["FAIL", "FAIL"]
+    assert all("fewer than one batch" in r for r in df["fail_reason"]), df["fail_reason"]
+    assert "## Failed trials" in (study_dir / "summary.md").read_text()
+    assert not (study_dir / "best").exists()
