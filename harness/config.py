@@ -77,8 +77,10 @@ class SearchSpace(_Strict):
     epochs: Dimension = 1
     weight_decay: Dimension = 0.0
     warmup_ratio: Dimension = 0.05
+    packing: Dimension = False
 
     _integer = {"batch_size", "grad_accum", "lora_r", "lora_alpha", "epochs"}
+    _boolean = {"packing"}
 
     @model_validator(mode="after")
     def _typed(self) -> "SearchSpace":
@@ -89,6 +91,10 @@ class SearchSpace(_Strict):
                 else [dim.low, dim.high] if isinstance(dim, Range) else [dim]
             )
             for v in values:
+                if name in self._boolean:
+                    if not isinstance(v, bool) or isinstance(dim, Range):
+                        raise ValueError(f"{name}: expected true or false, got {v!r}")
+                    continue
                 if isinstance(v, (str, bool)):
                     raise ValueError(f"{name}: expected a number, got {v!r}")
                 if name in self._integer and (float(v) != int(v) or v < 1):
@@ -118,12 +124,28 @@ class ModelConfig(_Strict):
     )
 
 
+class ColumnMap(_Strict):
+    """Which of your columns holds each field a format reads."""
+
+    text: str = "text"
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+    messages: str = "messages"
+
+
 class DatasetConfig(_Strict):
-    """``source``: ``shakespeare`` (embedded corpus) or a CSV file with a text column."""
+    """``source``: ``shakespeare`` / ``shakespeare-scenes`` (embedded), a .csv, .jsonl, .parquet or
+    .txt file, a ``datasets`` folder (``save_to_disk``), or a hub id (needs network)."""
 
     source: str = "shakespeare"
-    text_column: str = "text"
+    format: Literal["text", "instruction", "chat"] = "text"
+    columns: ColumnMap = ColumnMap()
+    template: Literal["auto", "chatml", "mistral"] = "auto"
+    train_on_responses_only: bool = False
+    split: str = "train"
     validation: str | None = None
+    validation_split: str | None = None
     val_fraction: float = Field(default=0.02, gt=0, lt=1)
     max_train_rows: int | None = Field(default=None, gt=0)
     max_val_rows: int | None = Field(default=None, gt=0)

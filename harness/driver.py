@@ -70,6 +70,20 @@ def _promote_best(study: optuna.Study, study_dir: Path, number: int) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _tell(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome) -> None:
+    try:
+        if outcome.state == "complete":
+            study.tell(trial, outcome.value)
+        else:
+            study.tell(trial, state=STATES[outcome.state])
+    except RuntimeError as err:
+        # GridSampler.after_trial calls study.stop() once the grid is covered, which Optuna allows
+        # only inside optimize(); the trial's state is stored all the same (tell's `finally`), and
+        # the driver checks is_exhausted() itself.
+        if "Study.stop" not in str(err):
+            raise
+
+
 class Display:
     """Live progress: trials done of total with the best so far, and the current trial's steps."""
 
@@ -145,10 +159,13 @@ def run_sweep(
     with console.status("preparing model and data (once per study)"):
         run_prepare(study_dir / "sweep.json", sweep_dir, study_dir / "prepared.json", study_dir / "prepare.log")
     prepared = json.loads((study_dir / "prepared.json").read_text())
+    train, val = prepared["stats"]["train"], prepared["stats"]["validation"]
+    study.set_user_attr("data", prepared["stats"])  # so the report can show it from the storage alone
     console.print(
-        f"data: {prepared['train_rows']:,} train rows ({prepared['train_token_count']:,} tokens), "
-        f"{prepared['val_rows']:,} validation rows; model {prepared['model_dir']} "
-        f"(prepared in {prepared['prepare_s']:.1f}s)"
+        f"data: {train['rows']:,} train rows ({train['tokens']:,} tokens), {val['rows']:,} validation rows; "
+        f"{train['skipped_empty'] + val['skipped_empty']} empty rows skipped, "
+        f"{train['truncated_rows'] + val['truncated_rows']} truncated at {cfg.max_seq_length} tokens"
+        f"{' (tokenized data from cache)' if prepared['from_cache'] else ''}; model {prepared['model_dir']}"
     )
 
     deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
@@ -175,10 +192,7 @@ def run_sweep(
                 raise
             if outcome.reason:
                 trial.set_user_attr("fail_reason", outcome.reason[-4000:])
-            if outcome.state == "complete":
-                study.tell(trial, outcome.value)
-            else:
-                study.tell(trial, state=STATES[outcome.state])
+            _tell(study, trial, outcome)
             _promote_best(study, study_dir, trial.number)
             display.end_trial(trial.number, outcome, study)
             ran += 1

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import data
-from harness.config import SweepConfig
-from harness.errors import HarnessError
+from harness import data, formats
+from harness.config import Choices, Range, SweepConfig
+from harness.errors import DataError, HarnessError
 from harness.presets import PRESETS, VOCAB_SIZE, is_preset
 
 PREPARED_VERSION = 1
@@ -36,12 +36,9 @@ class Prepared:
     model_dir: str
     train_tokens: str
     val_tokens: str
-    train_rows: int
-    val_rows: int
-    train_token_count: int
-    val_token_count: int
-    truncated_rows: int
+    stats: dict  # per split: rows, tokens, length figures, truncated and skipped rows
     prepare_s: float
+    from_cache: bool
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
@@ -112,63 +109,153 @@ def resolve_model(cfg: SweepConfig) -> str:
     return name  # a local folder or a hub id; from_pretrained resolves it
 
 
-def _tokenize(tok, texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """BOS + text + EOS per row, truncated to ``max_len``. Returns flat ids, row offsets, rows truncated."""
-    ids = tok(texts, add_special_tokens=False)["input_ids"]
-    rows, truncated = [], 0
-    for row in ids:
-        row = [tok.bos_token_id, *row, tok.eos_token_id]
-        if len(row) > max_len:
-            row, truncated = row[:max_len], truncated + 1
-        rows.append(row)
+@dataclass
+class TokenizedSplit:
+    tokens: np.ndarray  # all rows' ids, flat
+    offsets: np.ndarray  # row i is tokens[offsets[i]:offsets[i+1]]
+    loss_mask: np.ndarray | None  # 1 where a token counts in the loss (responses only); None: all do
+    stats: dict
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")
+        arrays = {"tokens": self.tokens, "offsets": self.offsets}
+        if self.loss_mask is not None:
+            arrays["loss_mask"] = self.loss_mask
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+
+
+def tokenize(records: list[data.Record], cfg: SweepConfig, tok, where: str) -> TokenizedSplit:
+    """Render each record, tokenize (BOS + segments + EOS), truncate to ``max_seq_length``.
+
+    Empty rows are skipped and counted; with ``train_on_responses_only`` a row whose response was
+    truncated away is dropped and counted too.
+    """
+    ds, max_len = cfg.dataset, cfg.max_seq_length
+    columns = ds.columns.model_dump()
+    rendered, skipped = [], 0
+    for rec in records:
+        try:
+            rendered.append(formats.render(rec, ds.format, columns, ds.template, tok))
+        except formats.Skip:
+            skipped += 1
+    if not rendered:
+        raise DataError(f"{where}: no usable rows ({skipped} empty or whitespace-only rows skipped)")
+    pieces = [text for segs in rendered for text, _ in segs]
+    piece_ids = iter(tok(pieces, add_special_tokens=False)["input_ids"])
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    rows, masks, lengths, truncated, no_response = [], [], [], 0, 0
+    for segs in rendered:
+        ids, mask = list(bos), [0] * len(bos)
+        for _, is_response in segs:
+            seg = next(piece_ids)
+            ids += seg
+            mask += [int(is_response or not ds.train_on_responses_only)] * len(seg)
+        ids, mask = ids + eos, mask + [1] * len(eos)
+        lengths.append(len(ids))
+        if len(ids) > max_len:
+            ids, mask, truncated = ids[:max_len], mask[:max_len], truncated + 1
+        if ds.train_on_responses_only and not any(mask[1:]):
+            no_response += 1
+            continue
+        rows.append(ids)
+        masks.append(mask)
+    if not rows:
+        raise DataError(f"{where}: every row lost its response to truncation at max_seq_length={max_len}")
     offsets = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum([len(r) for r in rows], out=offsets[1:])
     flat = np.fromiter((t for r in rows for t in r), dtype=np.int32, count=int(offsets[-1]))
-    return flat, offsets, truncated
+    loss_mask = (np.fromiter((m for r in masks for m in r), dtype=np.uint8, count=int(offsets[-1]))
+                 if ds.train_on_responses_only else None)
+    lens = np.array(lengths)
+    stats = {
+        "rows": len(rows), "skipped_empty": skipped, "dropped_no_response": no_response,
+        "tokens": int(flat.size), "truncated_rows": truncated, "truncated_share": round(truncated / len(lengths), 4),
+        "length_min": int(lens.min()), "length_median": float(np.median(lens)),
+        "length_p95": float(np.percentile(lens, 95)), "length_max": int(lens.max()),
+        "loss_tokens": int(loss_mask.sum()) if loss_mask is not None else int(flat.size),
+    }
+    return TokenizedSplit(flat, offsets, loss_mask, stats)
 
 
-def _save_tokens(path: Path, flat: np.ndarray, offsets: np.ndarray) -> None:
-    tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, tokens=flat, offsets=offsets)
-    os.replace(tmp, path)
+def _tokenizer_fingerprint(model_dir: str) -> str:
+    path = Path(model_dir)
+    if not path.is_dir():
+        return model_dir
+    h = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        if (path / name).exists():
+            h.update(name.encode() + (path / name).read_bytes())
+    return h.hexdigest()
+
+
+def load_splits(cfg: SweepConfig, sweep_dir: Path) -> tuple[list[data.Record], list[data.Record], str, str, list]:
+    """Read train and validation records: a given validation source or split, or a seeded fraction."""
+    ds = cfg.dataset
+    src = data.resolve_source(ds.source, sweep_dir)
+    records = data.read_records(src, ds.split)
+    columns = ds.columns.model_dump()
+    data.check_columns(records, formats.needed_columns(ds.format, columns), src)
+    key_parts: list = [src.kind, src.digest(), ds.split]
+    if ds.validation or ds.validation_split:
+        vsrc = data.resolve_source(ds.validation, sweep_dir) if ds.validation else src
+        val = data.read_records(vsrc, ds.validation_split or ds.split)
+        if not val:
+            raise DataError(f"{vsrc.location}: the validation data is empty (dataset.validation)")
+        data.check_columns(val, formats.needed_columns(ds.format, columns), vsrc, "dataset.columns")
+        train, val_where = records, vsrc.location
+        key_parts += [vsrc.digest(), ds.validation_split]
+    else:
+        train, val = data.split(records, ds.val_fraction, cfg.seed)
+        val_where = f"{src.location} (validation fraction {ds.val_fraction:g})"
+        key_parts += [ds.val_fraction, cfg.seed]
+    return train[: ds.max_train_rows], val[: ds.max_val_rows], src.location, val_where, key_parts
+
+
+def check_batches_fit(cfg: SweepConfig, train: TokenizedSplit, where: str) -> None:
+    """The largest batch the search space can ask for must fit in the training split."""
+    dim = cfg.search_space.batch_size
+    largest = int(max(dim.choices) if isinstance(dim, Choices) else dim.high if isinstance(dim, Range) else dim)
+    packing = cfg.search_space.packing
+    may_pack = packing is True or (isinstance(packing, Choices) and True in packing.choices)
+    usable = train.stats["rows"]
+    if may_pack:
+        usable = min(usable, train.stats["tokens"] // cfg.max_seq_length)
+    if usable < largest:
+        raise DataError(f"{where}: {usable} training {'sequences' if may_pack else 'rows'}, fewer than one batch of "
+                        f"{largest} (search_space.batch_size); add data or lower the batch size")
 
 
 def prepare(cfg: SweepConfig, sweep_dir: Path) -> Prepared:
     start = time.perf_counter()
     model_dir = resolve_model(cfg)
+    train_records, val_records, train_where, val_where, key_parts = load_splits(cfg, sweep_dir)
     ds = cfg.dataset
-    train_path = data.resolve_source(ds.source, sweep_dir)
-    val_path = data.resolve_source(ds.validation, sweep_dir) if ds.validation else None
-
     key = hashlib.sha256(json.dumps([
-        PREPARED_VERSION, data.file_digest(train_path), val_path and data.file_digest(val_path),
-        model_dir, ds.text_column, ds.val_fraction, ds.max_train_rows, ds.max_val_rows,
-        cfg.max_seq_length, cfg.seed,
-    ]).encode()).hexdigest()[:16]
+        PREPARED_VERSION, *key_parts, _tokenizer_fingerprint(model_dir), ds.format, ds.columns.model_dump(),
+        ds.template, ds.train_on_responses_only, ds.max_train_rows, ds.max_val_rows, cfg.max_seq_length,
+    ], default=str).encode()).hexdigest()[:16]
     cache = data.cache_root() / "tokens" / key
     stats_file = cache / "stats.json"
-    if not stats_file.exists():
+    from_cache = stats_file.exists()
+    if not from_cache:
         from transformers import AutoTokenizer
 
-        texts = data.read_texts(train_path, ds.text_column)
-        if val_path:
-            train, val = texts, data.read_texts(val_path, ds.text_column)
-        else:
-            train, val = data.split(texts, ds.val_fraction, cfg.seed)
-        train, val = train[: ds.max_train_rows], val[: ds.max_val_rows]
         tok = AutoTokenizer.from_pretrained(model_dir)
+        train = tokenize(train_records, cfg, tok, train_where)
+        check_batches_fit(cfg, train, train_where)
+        val = tokenize(val_records, cfg, tok, val_where)
         cache.mkdir(parents=True, exist_ok=True)
-        stats = {"train_rows": len(train), "val_rows": len(val), "truncated_rows": 0}
-        for split_name, texts_ in (("train", train), ("val", val)):
-            flat, offsets, truncated = _tokenize(tok, texts_, cfg.max_seq_length)
-            _save_tokens(cache / f"{split_name}.npz", flat, offsets)
-            stats[f"{split_name}_token_count"] = int(flat.size)
-            stats["truncated_rows"] += truncated
-        stats_file.write_text(json.dumps(stats))
+        train.save(cache / "train.npz")
+        val.save(cache / "val.npz")
+        tmp = stats_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"train": train.stats, "validation": val.stats}))
+        os.replace(tmp, stats_file)
     stats = json.loads(stats_file.read_text())
     return Prepared(
         model_dir=model_dir, train_tokens=str(cache / "train.npz"), val_tokens=str(cache / "val.npz"),
-        prepare_s=round(time.perf_counter() - start, 3), **stats,
+        stats=stats, prepare_s=round(time.perf_counter() - start, 3), from_cache=from_cache,
     )
 
 

@@ -95,6 +95,12 @@ def summary_markdown(study: optuna.Study, df: pl.DataFrame) -> str:
     if param_cols:
         lines += ["## Per parameter", "", "Complete and pruned trials (a pruned trial's loss is its last report).", "",
                   _md(marginals(df, param_cols)), ""]
+    data = study.user_attrs.get("data")
+    if data:
+        cols = ["rows", "tokens", "length_min", "length_median", "length_p95", "length_max", "truncated_share",
+                "skipped_empty"]
+        table = pl.DataFrame([{"split": name, **{c: float(s.get(c, 0)) for c in cols}} for name, s in data.items()])
+        lines += ["## Data", "", "Token lengths per row before truncation (BOS and EOS included).", "", _md(table), ""]
     failed = df.filter(pl.col("state") == "FAIL")
     if failed.height:
         lines += ["## Failed trials", "", _md(failed.select("number", "fail_reason")), ""]

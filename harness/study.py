@@ -13,6 +13,7 @@ from typing import Any
 import optuna
 
 from harness.config import Choices, Range, SweepConfig
+from harness.errors import HarnessError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -27,10 +28,17 @@ def redact(url: str) -> str:
 
 
 def make_storage(url: str) -> optuna.storages.BaseStorage:
-    if url.startswith("sqlite"):
-        # Trial processes write to the same file as the driver; wait for the lock instead of failing.
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-    return optuna.storages.RDBStorage(url)
+    """An RDB storage; failures become one line with the URL's password hidden."""
+    # SQLite: trial processes write to the same file as the driver; wait for the lock instead of failing.
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    except ImportError:
+        raise HarnessError(f"storage {redact(url)}: its database driver is not installed "
+                           f"(PostgreSQL: pip install 'harness[postgres]')") from None
+    except Exception as err:  # noqa: BLE001 - SQLAlchemy raises many kinds; all mean "cannot use it"
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise HarnessError(f"storage {redact(url)}: cannot open it ({redact(message)})") from None
 
 
 def make_sampler(cfg: SweepConfig) -> optuna.samplers.BaseSampler:
@@ -60,6 +68,7 @@ def _grid_values(dim: Choices | Range) -> list[Any]:
 
 
 INTEGER_PARAMS = {"batch_size", "grad_accum", "lora_r", "lora_alpha", "epochs"}
+BOOLEAN_PARAMS = {"packing"}
 
 
 def suggest(trial: optuna.Trial, cfg: SweepConfig) -> dict[str, Any]:
@@ -84,7 +93,8 @@ def trial_params(trial: optuna.trial.BaseTrial | optuna.trial.FrozenTrial, cfg: 
 
 
 def _typed(params: dict[str, Any]) -> dict[str, Any]:
-    return {k: int(v) if k in INTEGER_PARAMS else float(v) for k, v in params.items()}
+    return {k: int(v) if k in INTEGER_PARAMS else bool(v) if k in BOOLEAN_PARAMS else float(v)
+            for k, v in params.items()}
 
 
 def create_study(cfg: SweepConfig, storage_url: str) -> optuna.Study:

@@ -34,6 +34,7 @@ class TrainParams:
     epochs: int
     weight_decay: float
     warmup_ratio: float
+    packing: bool = False
 
 
 @dataclass
@@ -54,28 +55,47 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def load_rows(path: str) -> list[np.ndarray]:
-    """Token rows saved by :mod:`harness.prepare` (flat ids + offsets)."""
+Row = tuple[np.ndarray, "np.ndarray | None"]  # token ids, and the loss mask when only some tokens count
+
+
+def load_rows(path: str) -> list[Row]:
+    """Token rows saved by :mod:`harness.prepare` (flat ids + offsets, and a loss mask if any)."""
     with np.load(path) as z:
         tokens, offsets = z["tokens"], z["offsets"]
-    return [tokens[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+        mask = z["loss_mask"] if "loss_mask" in z.files else None
+    return [(tokens[a:b], None if mask is None else mask[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
 
 
-def collate(rows: list[np.ndarray], pad_id: int, device: str) -> dict[str, torch.Tensor]:
+def pack(rows: list[Row], length: int) -> list[Row]:
+    """Concatenate every row and cut the stream into sequences of exactly ``length`` tokens.
+
+    Rows keep their BOS/EOS, so documents stay delimited; attention crosses those boundaries
+    (plain packing, as TRL's default). The last, partial sequence is dropped.
+    """
+    ids = np.concatenate([r[0] for r in rows])
+    masks = None if rows[0][1] is None else np.concatenate([r[1] for r in rows])
+    n = len(ids) // length
+    return [(ids[i * length : (i + 1) * length], None if masks is None else masks[i * length : (i + 1) * length])
+            for i in range(n)]
+
+
+def collate(rows: list[Row], pad_id: int, device: str) -> dict[str, torch.Tensor]:
     """Dynamic padding: pad to the longest row of this batch, padded positions masked out of the loss.
 
     On CUDA the width is rounded up to a multiple of 64, so compiled kernels see a few shapes
     instead of one per batch (each new shape costs a recompile).
     """
-    width = max(len(r) for r in rows)
+    width = max(len(r[0]) for r in rows)
     if device == "cuda":
         width = -(-width // 64) * 64
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
+    counted = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (r, loss_mask) in enumerate(rows):
         ids[i, : len(r)] = torch.from_numpy(r.astype(np.int64))
         mask[i, : len(r)] = 1
-    labels = ids.masked_fill(mask == 0, -100)
+        counted[i, : len(r)] = True if loss_mask is None else torch.from_numpy(loss_mask.astype(bool))
+    labels = ids.masked_fill(~counted, -100)
     return {k: v.to(device, non_blocking=True) for k, v in (("input_ids", ids), ("attention_mask", mask), ("labels", labels))}
 
 
@@ -147,14 +167,17 @@ def sync(device: str) -> None:
 
 
 def train(
-    model, train_rows, val_rows, p: TrainParams, *, pad_id: int, device: str, seed: int,
+    model, train_rows, val_rows, p: TrainParams, *, pad_id: int, device: str, seed: int, max_seq_length: int,
     max_steps: int | None, eval_every: int, timing_warmup_steps: int,
     on_step: Callable[[int, int, float], None], on_eval: Callable[[int, float], bool],
 ) -> TrainResult:
     """Train with AdamW and a linear warm-up/decay; validate every ``eval_every`` steps and at the end.
 
-    ``on_eval(step, val_loss)`` returning True stops training (the trial was pruned).
+    ``on_eval(step, val_loss)`` returning True stops training (the trial was pruned). Validation
+    always runs on the unpacked rows, so packed and padded trials are compared alike.
     """
+    if p.packing:
+        train_rows = pack(train_rows, max_seq_length)
     if len(train_rows) < p.batch_size:
         raise ValueError(f"the training split has {len(train_rows)} rows, fewer than one batch of {p.batch_size}")
     steps_per_epoch = max(1, len(train_rows) // (p.batch_size * p.grad_accum))
@@ -173,7 +196,7 @@ def train(
         sync(device)
         t0 = time.perf_counter()
         micro = [collate(next(stream), pad_id, device) for _ in range(p.grad_accum)]
-        n_total = sum(predicted_tokens(b) for b in micro)
+        n_total = max(1, sum(predicted_tokens(b) for b in micro))
         step_loss = 0.0
         for b in micro:
             # Weight each micro-batch by its share of tokens: the step's loss is the token mean.

@@ -105,6 +105,7 @@ def run_trial(study_dir: Path, number: int) -> dict[str, Any]:
         progress("phase", phase="training")
         result = T.train(
             model, train_rows, val_rows, params, pad_id=pad_id, device=device, seed=cfg.seed,
+            max_seq_length=cfg.max_seq_length,
             max_steps=cfg.budget.max_steps, eval_every=cfg.budget.eval_every,
             timing_warmup_steps=cfg.budget.timing_warmup_steps, on_step=on_step, on_eval=on_eval,
         )

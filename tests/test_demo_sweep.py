@@ -121,15 +121,15 @@ def test_n_trials_is_the_study_total(demo):
 
 def test_a_failing_trial_is_recorded_and_the_driver_goes_on(tmp_path, harness_cache):
     sweep = yaml.safe_load((ROOT / "sweeps/demo.yaml").read_text())
-    sweep.update(study="too-small", n_trials=2)
-    sweep["dataset"]["max_train_rows"] = 2  # fewer rows than one batch: every trial fails inside its process
-    path = tmp_path / "too-small.yaml"
+    sweep.update(study="diverges", n_trials=2)
+    sweep["search_space"]["learning_rate"] = 1.0e9  # the loss overflows: each trial fails in its own process
+    path = tmp_path / "diverges.yaml"
     path.write_text(yaml.safe_dump(sweep))
     proc = run_cli("run", str(path), "--results-dir", str(tmp_path / "results"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    study_dir = tmp_path / "results" / "too-small"
+    study_dir = tmp_path / "results" / "diverges"
     df = pl.read_parquet(study_dir / "trials.parquet")
     assert df["state"].to_list() == ["FAIL", "FAIL"]
-    assert all("fewer than one batch" in r for r in df["fail_reason"]), df["fail_reason"]
+    assert all(r.startswith("nonfinite_loss: loss became") for r in df["fail_reason"]), df["fail_reason"]
     assert "## Failed trials" in (study_dir / "summary.md").read_text()
     assert not (study_dir / "best").exists()
