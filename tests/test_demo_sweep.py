@@ -87,7 +87,7 @@ def test_summary_and_plot(demo):
     study_dir, _ = demo
     text = (study_dir / "summary.md").read_text()
     best = load(study_dir).best_trial
-    for heading in ("## Best trial", "## Top 5", "## Per parameter"):
+    for heading in ("## Best trial", "## Top 5", "## Per parameter", "## Data"):
         assert heading in text
     assert f"Trial {best.number}: validation loss **{best.value:.4f}**" in text
     assert "| learning_rate |" in text and "| lora_r |" in text
