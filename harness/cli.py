@@ -6,6 +6,7 @@ Errors a user can fix are printed as one line (``error: ...``) with exit code 2;
 from __future__ import annotations
 
 import argparse
+import json
 import importlib.util
 import sys
 from pathlib import Path
@@ -69,6 +70,38 @@ def _cmd_eval(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
+    from harness import bench
+
+    cfg = bench.load_bench(args.bench)
+    if args.repeats:
+        cfg = cfg.model_copy(update={"repeats": args.repeats})
+    backends = args.backend.split(",") if args.backend else None
+    if backends and not set(backends) <= {"unsloth", "hf"}:
+        raise HarnessError(f"--backend: expected unsloth, hf or unsloth,hf (got {args.backend})")
+    out_dir = Path(args.out or Path(args.results_dir) / "bench" / cfg.name)
+    with console.status("benchmarking") as status:
+        doc = bench.run_bench(cfg, out_dir, backends, progress=lambda msg: status.update(msg) or console.print(msg))
+    comparison, warnings = (None, [])
+    if args.baseline:
+        comparison, warnings = bench.check(doc, Path(args.baseline), cfg.regression)
+        (out_dir / "junit.xml").write_text(bench.junit(doc, comparison))
+    report = bench.markdown(doc, comparison, warnings)
+    (out_dir / "report.md").write_text(report)
+    console.print(report, markup=False, highlight=False)
+    for w in warnings:
+        console.print(f"[yellow]warning:[/] {escape(w)}")
+    if args.save_baseline:
+        Path(args.save_baseline).write_text(json.dumps(doc, indent=2))
+        console.print(f"baseline written to {args.save_baseline}")
+    console.print(f"results: {out_dir / 'results.json'}, {out_dir / 'report.md'}")
+    regressed = [c for c in comparison or [] if c["verdict"] in ("regressed", "missing")]
+    if regressed:
+        console.print(f"[red]{len(regressed)} regression(s)[/] against {args.baseline}")
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description="Optuna sweeps of Unsloth LoRA fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("study_dir", help="results/<study>")
     report.add_argument("--storage", help="storage URL when the study is not in the folder's study.db")
     report.set_defaults(func=_cmd_report)
+    b = sub.add_parser("bench", help="benchmark a fixed grid (Unsloth and/or the HF baseline), optionally against a baseline")
+    b.add_argument("bench", help="bench file, e.g. bench/tiny-cpu.yaml")
+    b.add_argument("--backend", help="unsloth, hf, or unsloth,hf (overrides the file)")
+    b.add_argument("--repeats", type=int, help="processes per point (overrides the file)")
+    b.add_argument("--baseline", help="compare against this results file; exit 1 on a regression")
+    b.add_argument("--save-baseline", help="write this run's results as a baseline file")
+    b.add_argument("--out", help="output folder (default: <results-dir>/bench/<name>)")
+    b.add_argument("--results-dir", default="results")
+    b.set_defaults(func=_cmd_bench)
     ev = sub.add_parser("eval", help="reload the best adapter and print its validation loss")
     ev.add_argument("study_dir", help="results/<study>")
     ev.add_argument("--adapter", help="adapter folder (default: <study_dir>/best)")

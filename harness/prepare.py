@@ -24,7 +24,7 @@ import numpy as np
 from harness import data, formats
 from harness.config import Choices, Range, SweepConfig
 from harness.errors import DataError, HarnessError
-from harness.presets import PRESETS, VOCAB_SIZE, is_preset
+from harness.presets import PRESETS, TOKENIZER_VOCAB, is_preset
 
 PREPARED_VERSION = 1
 
@@ -72,13 +72,14 @@ def build_preset(name: str, seed: int) -> Path:
     if (out / "config.json").exists():
         return out
     import torch
-    from transformers import MistralConfig, MistralForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     tok = mistral_v3_tokenizer()
-    assert len(tok) == VOCAB_SIZE, len(tok)
-    config = MistralConfig(
-        vocab_size=VOCAB_SIZE, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **PRESETS[name],
+    assert len(tok) == TOKENIZER_VOCAB, len(tok)
+    spec = dict(PRESETS[name])
+    config = AutoConfig.for_model(
+        spec.pop("model_type"), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **spec,
     )
     big = name != "tiny-mistral"
     # Large presets are initialised on the GPU in bf16: minutes on a CPU become a second there.
@@ -89,10 +90,10 @@ def build_preset(name: str, seed: int) -> Path:
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = MistralForCausalLM(config)
+            model = AutoModelForCausalLM.from_config(config)
     finally:
         torch.set_default_dtype(default_dtype)
-    config.torch_dtype = dtype
+    model.config.dtype = dtype
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
@@ -102,11 +103,13 @@ def build_preset(name: str, seed: int) -> Path:
     return out
 
 
+def resolve_model_name(name: str, seed: int) -> str:
+    """A preset is built (once, cached); a local folder or a hub id goes to from_pretrained as is."""
+    return str(build_preset(name, seed)) if is_preset(name) else name
+
+
 def resolve_model(cfg: SweepConfig) -> str:
-    name = cfg.model.name
-    if is_preset(name):
-        return str(build_preset(name, cfg.seed))
-    return name  # a local folder or a hub id; from_pretrained resolves it
+    return resolve_model_name(cfg.model.name, cfg.seed)
 
 
 @dataclass

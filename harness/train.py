@@ -18,6 +18,8 @@ from unsloth import FastLanguageModel
 import numpy as np
 import torch
 
+from harness import backends
+
 EVAL_BATCH_SIZE = 8  # fixed across trials so every trial's validation loss is computed alike
 
 
@@ -119,17 +121,18 @@ def resolve_dtype(wanted: str, device: str) -> torch.dtype:
 
 
 def load_model(model_dir: str, max_seq_length: int, dtype: torch.dtype, load_in_4bit: bool):
-    model, tokenizer = FastLanguageModel.from_pretrained(
+    """The base model alone (to attach a saved adapter to)."""
+    return FastLanguageModel.from_pretrained(
         model_name=model_dir, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
     )
-    return model, tokenizer
 
 
-def add_lora(model, p: TrainParams, target_modules: list[str], gradient_checkpointing, seed: int):
-    return FastLanguageModel.get_peft_model(
-        model, r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout,
-        target_modules=target_modules, bias="none", use_gradient_checkpointing=gradient_checkpointing,
-        random_state=seed,
+def load_lora_model(model_dir: str, p: TrainParams, *, max_seq_length: int, dtype: torch.dtype,
+                    load_in_4bit: bool, target_modules: list[str], checkpointing, seed: int):
+    return backends.load_unsloth(
+        model_dir, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit, lora_r=p.lora_r,
+        lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout, target_modules=target_modules,
+        checkpointing=checkpointing, seed=seed,
     )
 
 

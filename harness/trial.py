@@ -57,10 +57,6 @@ def write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def gradient_checkpointing(value) -> Any:
-    return {"true": True, "false": False}.get(value, value) if isinstance(value, str) else value
-
-
 def run_trial(study_dir: Path, number: int) -> dict[str, Any]:
     cfg = SweepConfig.model_validate_json((study_dir / "sweep.json").read_text())
     prepared = Prepared.load(study_dir / "prepared.json")
@@ -85,9 +81,11 @@ def run_trial(study_dir: Path, number: int) -> dict[str, Any]:
     with WandbTracker(cfg.wandb, cfg.study, number, tracker_config, study_dir / "wandb") as tracker:
         progress("phase", phase="loading")
         t0 = time.perf_counter()
-        model, tokenizer = T.load_model(prepared.model_dir, cfg.max_seq_length, dtype, cfg.model.load_in_4bit)
-        model = T.add_lora(model, params, cfg.model.target_modules,
-                           gradient_checkpointing(cfg.model.gradient_checkpointing), cfg.seed)
+        model, tokenizer = T.load_lora_model(
+            prepared.model_dir, params, max_seq_length=cfg.max_seq_length, dtype=dtype,
+            load_in_4bit=cfg.model.load_in_4bit, target_modules=cfg.model.target_modules,
+            checkpointing=cfg.model.gradient_checkpointing, seed=cfg.seed,
+        )
         train_rows, val_rows = T.load_rows(prepared.train_tokens), T.load_rows(prepared.val_tokens)
         metrics["load_s"] = round(time.perf_counter() - t0, 3)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

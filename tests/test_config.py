@@ -85,8 +85,7 @@ def test_missing_file():
 
 def test_shipped_sweeps_validate():
     for path in (ROOT / "sweeps").glob("*.yaml"):
-        cfg = load_sweep(path)
-        assert cfg.search_space.searched(), path
+        load_sweep(path)
     demo = load_sweep(ROOT / "sweeps" / "demo.yaml")
     assert demo.model.name == "tiny-mistral" and demo.n_trials >= 4
     assert isinstance(demo.search_space.learning_rate, Range) and demo.search_space.learning_rate.log

@@ -1,0 +1,49 @@
+"""The two ways to get a LoRA model: Unsloth, and plain transformers + PEFT (the baseline).
+
+Each loader imports its stack inside the function: a process that only ever calls
+:func:`load_hf` never imports unsloth, so it measures transformers as it is, unpatched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def gradient_checkpointing(value: Any) -> Any:
+    """Sweep-file values ("unsloth", "true", "false", bools) as the loaders take them."""
+    return {"true": True, "false": False}.get(value, value) if isinstance(value, str) else value
+
+
+def load_unsloth(model_dir: str, *, max_seq_length: int, dtype, load_in_4bit: bool, lora_r: int, lora_alpha: int,
+                 lora_dropout: float, target_modules: list[str], checkpointing: Any, seed: int):
+    """``FastLanguageModel.from_pretrained`` + ``get_peft_model``. Returns (model, tokenizer)."""
+    import unsloth  # noqa: F401  (before transformers/peft: it patches them)
+    from unsloth import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=model_dir, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
+    )
+    model = FastLanguageModel.get_peft_model(
+        model, r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
+        bias="none", use_gradient_checkpointing=gradient_checkpointing(checkpointing), random_state=seed,
+    )
+    return model, tokenizer
+
+
+def load_hf(model_dir: str, *, dtype, lora_r: int, lora_alpha: int, lora_dropout: float,
+            target_modules: list[str], checkpointing: Any, seed: int, device: str):
+    """transformers ``AutoModelForCausalLM`` (SDPA attention) + PEFT LoRA, as a user writes it by hand."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(device)
+    if gradient_checkpointing(checkpointing):  # "unsloth" means: on, the standard way
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                             target_modules=target_modules, bias="none", task_type="CAUSAL_LM"))
+    return model, AutoTokenizer.from_pretrained(model_dir)

@@ -1,0 +1,306 @@
+"""Benchmark mode: a fixed grid, each point in its own process, N repeats, Unsloth vs HF baseline,
+and a regression check against a stored baseline.
+
+``harness bench BENCH.yaml [--backend unsloth,hf] [--baseline FILE] [--save-baseline FILE]``
+
+The driver side (this module) imports neither torch nor unsloth; each run is
+``python -m harness.bench_worker``. Results carry a fingerprint of the machine and software.
+
+Regression rule (per point, backend and metric, over the repeats): with baseline median ``b``,
+current median ``c`` and noise ``n = k · 1.4826 · MAD`` (MAD pooled over both sets of repeats,
+1.4826·MAD estimates a standard deviation), a higher-is-better metric regresses when
+``c < b · (1 − t)`` and ``b − c > n``; a lower-is-better one when ``c > b · (1 + t)`` and
+``c − b > n``. ``t`` is the metric's threshold. A point that ran in the baseline and runs out of
+memory now is a regression too.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+from xml.sax.saxutils import escape, quoteattr
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from harness.config import ModelConfig, _one_line
+from harness.errors import HarnessError, SweepFileError
+
+HIGHER_IS_BETTER = {"tokens_per_s": True, "mfu": True, "step_s": False, "peak_reserved_mib": False,
+                    "peak_alloc_mib": False, "peak_rss_mib": False}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BenchGrid(_Strict):
+    batch_size: list[int] = Field(default=[4], min_length=1)
+    seq_len: list[int] = Field(default=[2048], min_length=1)
+    lora_r: list[int] = Field(default=[16], min_length=1)
+    gradient_checkpointing: list[Literal["unsloth", "true", "false"] | bool] = Field(default=[True], min_length=1)
+
+
+class Regression(_Strict):
+    k: float = Field(default=3.0, gt=0)
+    thresholds: dict[str, float] = {"tokens_per_s": 0.05, "peak_reserved_mib": 0.05}
+
+
+class BenchConfig(_Strict):
+    name: str = Field(min_length=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model: ModelConfig
+    grid: BenchGrid = BenchGrid()
+    backends: list[Literal["unsloth", "hf"]] = Field(default=["unsloth", "hf"], min_length=1)
+    lora_alpha: int = 16
+    steps: int = Field(default=10, gt=0)
+    warmup_steps: int = Field(default=3, ge=0)
+    repeats: int = Field(default=3, gt=0)
+    regression: Regression = Regression()
+
+
+def load_bench(path: str | Path) -> BenchConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SweepFileError(f"{path}: bench file not found") from None
+    except yaml.YAMLError as err:
+        raise SweepFileError(f"{path}: not valid YAML or uses a tag that is not allowed ({err})") from None
+    try:
+        return BenchConfig.model_validate(data)
+    except ValidationError as err:
+        raise SweepFileError(f"{path}: {_one_line(err)}") from None
+
+
+def points(cfg: BenchConfig) -> list[dict[str, Any]]:
+    g = cfg.grid
+    return [dict(batch_size=b, seq_len=l, lora_r=r, gradient_checkpointing=str(c).lower())
+            for b, l, r, c in itertools.product(g.batch_size, g.seq_len, g.lora_r, g.gradient_checkpointing)]
+
+
+def point_key(point: dict[str, Any], backend: str) -> str:
+    return (f"{backend} b{point['batch_size']} L{point['seq_len']} r{point['lora_r']} "
+            f"gc={point['gradient_checkpointing']}")
+
+
+def fingerprint() -> dict[str, Any]:
+    """GPU name, count and memory; driver; CUDA; library versions; harness commit. No torch import."""
+    fp: dict[str, Any] = {}
+    try:
+        rows = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
+        fp.update(gpu_name=rows[0].split(", ")[0], gpu_count=len(rows), gpu_memory=rows[0].split(", ")[1],
+                  driver=rows[0].split(", ")[2])
+    except (OSError, IndexError, subprocess.SubprocessError):
+        fp.update(gpu_name=None, gpu_count=0, gpu_memory=None, driver=None)
+    for pkg in ("torch", "transformers", "peft", "trl", "unsloth", "unsloth_zoo"):
+        try:
+            fp[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            fp[pkg] = None
+    try:
+        fp["cuda"] = subprocess.run([sys.executable, "-c", "import torch; print(torch.version.cuda)"],
+                                    capture_output=True, text=True, timeout=120).stdout.strip() or None
+    except subprocess.SubprocessError:
+        fp["cuda"] = None
+    try:
+        fp["harness_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except OSError:
+        fp["harness_commit"] = None
+    fp["cpu_count"] = os.cpu_count()
+    return fp
+
+
+def run_point(spec: dict[str, Any], workdir: Path, tag: str) -> dict[str, Any]:
+    spec_file, out_file, log = workdir / f"{tag}.spec.json", workdir / f"{tag}.json", workdir / f"{tag}.log"
+    spec_file.write_text(json.dumps(spec))
+    env = dict(os.environ, HARNESS_SPAWNED_AT=repr(time.time()), PYTHONUNBUFFERED="1")
+    with log.open("w") as f:
+        code = subprocess.call([sys.executable, "-m", "harness.bench_worker", str(spec_file), str(out_file)],
+                               stdout=f, stderr=subprocess.STDOUT, env=env)
+    if out_file.exists():
+        return json.loads(out_file.read_text())
+    tail = log.read_text(errors="replace").splitlines()[-5:]
+    # The kernel's OOM killer sends SIGKILL: on CPU that is how running out of memory ends.
+    return {"status": "oom" if code == -9 else "crash", "exit_code": code, "log_tail": tail}
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in runs if r["status"] == "ok"]
+    out: dict[str, Any] = {"status": "ok" if ok else runs[0]["status"], "repeats": len(runs), "ok_repeats": len(ok)}
+    for m in ("tokens_per_s", "step_s", "mfu", "peak_alloc_mib", "peak_reserved_mib", "peak_rss_mib",
+              "load_s", "import_s", "spawn_s"):
+        values = [r[m] for r in ok if r.get(m) is not None]
+        if values:
+            med = statistics.median(values)
+            out[m] = {"median": med, "min": min(values), "max": max(values),
+                      "mad": statistics.median(abs(v - med) for v in values), "values": values}
+    if not ok and runs and runs[0].get("mem_at_failure_mib"):
+        out["mem_at_failure_mib"] = runs[0]["mem_at_failure_mib"]
+    return out
+
+
+def run_bench(cfg: BenchConfig, out_dir: Path, backends: list[str] | None = None, progress=None) -> dict[str, Any]:
+    """Every grid point × backend × repeat, each in a fresh process. Returns the results document."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs_dir = out_dir / "runs"
+    runs_dir.mkdir(exist_ok=True)
+    backends = backends or list(cfg.backends)
+    results: dict[str, Any] = {}
+    jobs = [(p, b) for p in points(cfg) for b in backends]
+    for i, (point, backend) in enumerate(jobs):
+        key = point_key(point, backend)
+        runs = []
+        for rep in range(cfg.repeats):
+            if progress:
+                progress(f"[{i + 1}/{len(jobs)}] {key} repeat {rep + 1}/{cfg.repeats}")
+            spec = dict(point, backend=backend, model=cfg.model.name, dtype=cfg.model.dtype, device=cfg.device,
+                        seed=cfg.seed, lora_alpha=cfg.lora_alpha, steps=cfg.steps, warmup_steps=cfg.warmup_steps,
+                        target_modules=cfg.model.target_modules)
+            runs.append(run_point(spec, runs_dir, f"{i:02d}-{backend}-{rep}"))
+            if runs[-1]["status"] == "oom":
+                break  # it will not fit next time either
+        results[key] = {"point": point, "backend": backend, **summarize(runs), "runs": runs}
+    doc = {"name": cfg.name, "model": cfg.model.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+           "fingerprint": fingerprint(), "config": cfg.model_dump(mode="json"), "results": results}
+    tmp = out_dir / "results.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, out_dir / "results.json")
+    return doc
+
+
+# -- comparison and reports ------------------------------------------------------------------------
+
+FINGERPRINT_KEYS = ("gpu_name", "gpu_count", "driver", "cuda", "torch", "transformers", "peft", "trl", "unsloth")
+
+
+def fingerprint_diff(a: dict, b: dict) -> list[str]:
+    return [f"{k}: baseline {a.get(k)} vs now {b.get(k)}" for k in FINGERPRINT_KEYS if a.get(k) != b.get(k)]
+
+
+def compare(current: dict, baseline: dict, reg: Regression) -> list[dict[str, Any]]:
+    """One row per (point, metric) in the thresholds: verdict ok | regressed | improved | missing."""
+    rows = []
+    for key, base in baseline["results"].items():
+        cur = current["results"].get(key)
+        for metric, t in reg.thresholds.items():
+            row = {"key": key, "metric": metric, "threshold": t}
+            if cur is None:
+                rows.append({**row, "verdict": "missing", "detail": "not run now"})
+                continue
+            if base["status"] != "ok":
+                rows.append({**row, "verdict": "ok", "detail": f"baseline {base['status']}, now {cur['status']}"})
+                continue
+            if cur["status"] != "ok":
+                rows.append({**row, "verdict": "regressed", "detail": f"ran in the baseline, {cur['status']} now"})
+                continue
+            if metric not in base or metric not in cur:
+                continue
+            b, c = base[metric]["median"], cur[metric]["median"]
+            pooled = [v - b for v in base[metric]["values"]] + [v - c for v in cur[metric]["values"]]
+            noise = reg.k * 1.4826 * statistics.median(abs(v) for v in pooled)
+            higher = HIGHER_IS_BETTER.get(metric, True)
+            worse = (b - c) if higher else (c - b)
+            verdict = ("regressed" if worse > b * t and worse > noise
+                       else "improved" if -worse > b * t and -worse > noise else "ok")
+            rows.append({**row, "verdict": verdict, "baseline": b, "current": c, "change": (c - b) / b if b else None,
+                         "noise": noise})
+    return rows
+
+
+def _num(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and abs(v) < 10:
+        return f"{v:.3g}"
+    return f"{v:,.0f}"
+
+
+def markdown(doc: dict, comparison: list[dict] | None = None, warnings: list[str] | None = None) -> str:
+    fp = doc["fingerprint"]
+    lines = [f"# Benchmark `{doc['name']}`: {doc['model']}", "",
+             (f"{fp['gpu_count']} × {fp['gpu_name']} {fp.get('gpu_memory')}, " if fp.get("gpu_name")
+              else f"CPU ({fp.get('cpu_count')} cores), ") +
+             f"driver {fp.get('driver')}, CUDA {fp.get('cuda')}; torch {fp.get('torch')}, transformers "
+             f"{fp.get('transformers')}, peft {fp.get('peft')}, trl {fp.get('trl')}, unsloth {fp.get('unsloth')}; "
+             f"harness {fp.get('harness_commit')}", "",
+             "| point | status | tokens/s median (min–max) | step s | MFU | peak alloc MiB | peak reserved MiB | peak RSS MiB | import s | load s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    med = lambda r, m: r.get(m, {}).get("median")  # noqa: E731
+    for key, r in doc["results"].items():
+        tps = r.get("tokens_per_s")
+        spread = f"{_num(tps['median'])} ({_num(tps['min'])}–{_num(tps['max'])})" if tps else "-"
+        lines.append(f"| {key} | {r['status']} | {spread} | {_num(med(r, 'step_s'))} | {_num(med(r, 'mfu'))} | "
+                     f"{_num(med(r, 'peak_alloc_mib'))} | {_num(med(r, 'peak_reserved_mib'))} | "
+                     f"{_num(med(r, 'peak_rss_mib'))} | {_num(med(r, 'import_s'))} | {_num(med(r, 'load_s'))} |")
+    pairs = _speedups(doc)
+    if pairs:
+        lines += ["", "## Unsloth against the HF + PEFT baseline (same point, same run)", "",
+                  "| point | speedup (tokens/s) | memory saved (peak reserved on GPU, RSS on CPU) |", "|---|---|---|"]
+        lines += [f"| {p} | {s} | {m} |" for p, s, m in pairs]
+    if warnings:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]
+    if comparison is not None:
+        lines += ["", "## Against the baseline", "", "| point | metric | baseline | now | change | noise | verdict |",
+                  "|---|---|---|---|---|---|---|"]
+        for c in comparison:
+            change = f"{c['change']:+.1%}" if c.get("change") is not None else c.get("detail", "")
+            lines.append(f"| {c['key']} | {c['metric']} | {_num(c.get('baseline'))} | {_num(c.get('current'))} | "
+                         f"{change} | {_num(c.get('noise'))} | **{c['verdict']}** |")
+    lines += ["", "tokens/s: batch × sequence length (no padding) over the median step time after warm-up. "
+              "MFU = (6·N + 12·L·H·Q) · tokens/s / peak bf16 FLOP/s (PaLM's estimate; N = parameters "
+              "outside the input embedding, L layers, H hidden size, Q sequence length).", ""]
+    return "\n".join(lines)
+
+
+def _speedups(doc: dict) -> list[tuple[str, str, str]]:
+    out = []
+    for key, r in doc["results"].items():
+        if r["backend"] != "unsloth":
+            continue
+        hf = doc["results"].get(key.replace("unsloth", "hf", 1))
+        if not hf:
+            continue
+        tps_u, tps_h = r.get("tokens_per_s", {}).get("median"), hf.get("tokens_per_s", {}).get("median")
+        mem_key = "peak_reserved_mib" if "peak_reserved_mib" in r else "peak_rss_mib"
+        mem_u, mem_h = r.get(mem_key, {}).get("median"), hf.get(mem_key, {}).get("median")
+        speed = f"{tps_u / tps_h:.2f}×" if tps_u and tps_h else f"unsloth {r['status']}, hf {hf['status']}"
+        saved = f"{(1 - mem_u / mem_h):.0%} ({_num(mem_h)} → {_num(mem_u)} MiB)" if mem_u and mem_h else "-"
+        out.append((key.removeprefix("unsloth "), speed, saved))
+    return out
+
+
+def junit(doc: dict, comparison: list[dict]) -> str:
+    failures = sum(c["verdict"] in ("regressed", "missing") for c in comparison)
+    cases = []
+    for c in comparison:
+        name = quoteattr(f"{c['key']} {c['metric']}")
+        body = ""
+        if c["verdict"] in ("regressed", "missing"):
+            msg = c.get("detail") or f"{c['metric']} {c['baseline']:.4g} -> {c['current']:.4g} ({c['change']:+.1%})"
+            body = f"<failure message={quoteattr(msg)}>{escape(json.dumps(c))}</failure>"
+        cases.append(f'  <testcase classname="harness.bench.{escape(doc["name"])}" name={name}>{body}</testcase>')
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<testsuite name="harness-bench" tests="{len(comparison)}" '
+            f'failures="{failures}">\n' + "\n".join(cases) + "\n</testsuite>\n")
+
+
+def check(doc: dict, baseline_path: Path, reg: Regression) -> tuple[list[dict], list[str]]:
+    try:
+        baseline = json.loads(Path(baseline_path).read_text())
+    except FileNotFoundError:
+        raise HarnessError(f"{baseline_path}: baseline file not found (write one with --save-baseline)") from None
+    except json.JSONDecodeError as err:
+        raise HarnessError(f"{baseline_path}: not a baseline written by --save-baseline ({err})") from None
+    warnings = [f"fingerprint differs from the baseline, {d}" for d in fingerprint_diff(baseline["fingerprint"], doc["fingerprint"])]
+    return compare(doc, baseline, reg), warnings
