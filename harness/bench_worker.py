@@ -96,6 +96,7 @@ def run(spec: dict) -> dict:
             raise
         out["status"] = "oom"
         out["error"] = str(err).splitlines()[0][:200]
+    out["unsloth_imported"] = "unsloth" in sys.modules  # must stay False for the hf baseline
     if device == "cuda":
         out["peak_alloc_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         out["peak_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
