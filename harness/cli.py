@@ -31,15 +31,21 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
         updates["storage"] = args.storage
     if updates:
         cfg = type(cfg).model_validate({**cfg.model_dump(), **updates})
-    run = run_sweep(cfg, Path(args.sweep).resolve().parent, Path(args.results_dir), console)
+    study_dir = (Path(args.results_dir) / cfg.study).resolve()
+    code = 0
+    try:
+        run_sweep(cfg, Path(args.sweep).resolve().parent, Path(args.results_dir), console)
+    except KeyboardInterrupt:
+        console.print("interrupted: the running trial is marked failed; writing the tables")
+        code = 130
     if importlib.util.find_spec("polars") is None:
-        console.print(f"polars is not installed here: make the tables with `harness report {run.study_dir}`")
-        return 0
+        console.print(f"polars is not installed here: make the tables with `harness report {study_dir}`")
+        return code
     from harness.report import build_report
 
-    out = build_report(run.study_dir, cfg.storage)
+    out = build_report(study_dir, cfg.storage)
     console.print(f"report: {out['summary']}  {out['parquet']}  {out['plot']}")
-    return 0
+    return code
 
 
 def _cmd_report(args: argparse.Namespace, console: Console) -> int:

@@ -157,6 +157,7 @@ class Budget(_Strict):
     max_steps: int | None = Field(default=None, gt=0)
     eval_every: int = Field(default=10, gt=0)
     timing_warmup_steps: int = Field(default=2, ge=0)
+    hang_timeout_s: float | None = Field(default=900, gt=0)  # no progress for this long: killed, marked failed
 
 
 class Objective(_Strict):
@@ -175,6 +176,22 @@ class PrunerConfig(_Strict):
     n_warmup_steps: int = Field(default=0, ge=0)
 
 
+class FaultTolerance(_Strict):
+    """The driver beats a heartbeat on the storage for its running trial. A RUNNING trial whose
+    heartbeat is older than ``grace_s`` (its driver died) is failed and retried, at most
+    ``max_retries`` times."""
+
+    heartbeat_s: float = Field(default=5, gt=0)
+    grace_s: float = Field(default=30, gt=0)
+    max_retries: int = Field(default=2, ge=0)
+
+    @model_validator(mode="after")
+    def _grace(self) -> "FaultTolerance":
+        if self.grace_s <= self.heartbeat_s:
+            raise ValueError(f"grace_s ({self.grace_s:g}) must exceed heartbeat_s ({self.heartbeat_s:g})")
+        return self
+
+
 class WandbConfig(_Strict):
     """``mode: auto`` is online when the user has W&B credentials, offline otherwise."""
 
@@ -186,6 +203,7 @@ class SweepConfig(_Strict):
     study: str = Field(min_length=1)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    start_method: Literal["auto", "fork", "spawn"] = "auto"  # auto: fork where no NVIDIA GPU is visible
     model: ModelConfig
     dataset: DatasetConfig = DatasetConfig()
     max_seq_length: int = Field(default=256, gt=1)
@@ -196,6 +214,8 @@ class SweepConfig(_Strict):
     pruner: PrunerConfig = PrunerConfig()
     n_trials: int = Field(default=8, gt=0)
     timeout: float | None = Field(default=None, gt=0)
+    memory_budget_mib: float | None = Field(default=None, gt=0)  # over it: the trial is infeasible
+    fault_tolerance: FaultTolerance = FaultTolerance()
     storage: str | None = None
     wandb: WandbConfig = WandbConfig()
 

@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.storages import fail_stale_trials
+from optuna.storages._heartbeat import get_heartbeat_thread
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from harness.config import SweepConfig
-from harness.launcher import TrialOutcome, TrialProcess, run_prepare
-from harness.study import create_study, default_storage, finished_count, redact, suggest
+from harness.launcher import TrialOutcome, TrialProcess, default_start_method, run_prepare, start_fork_server
+from harness.study import counted_trials, create_study, default_storage, finished_count, redact, suggest
 
 STATES = {
     "complete": optuna.trial.TrialState.COMPLETE,
@@ -70,10 +73,52 @@ def _promote_best(study: optuna.Study, study_dir: Path, number: int) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _tell(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome) -> None:
+def _next_trial(study: optuna.Study, cfg: SweepConfig, console: Console) -> optuna.Trial | None:
+    """A retry waiting to run, else a new trial while the study's total allows; None when done.
+
+    With the total reached but trials still RUNNING (another worker's, or a dead driver's that has
+    not gone stale yet), wait: a stale one is failed and queued again as a retry.
+    """
+    told = False
+    while True:
+        fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        if any(t.state == optuna.trial.TrialState.WAITING for t in trials):
+            return study.ask()
+        sampler = study.sampler
+        if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study):
+            return None
+        if counted_trials(study) < cfg.n_trials:
+            return study.ask()
+        if not any(t.state == optuna.trial.TrialState.RUNNING for t in trials):
+            return None
+        if not told:
+            console.print("waiting for running trials to end (or, if their driver died, to go stale and be retried)")
+            told = True
+        time.sleep(cfg.fault_tolerance.heartbeat_s)
+
+
+def _record(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, cfg: SweepConfig) -> None:
+    """Tell Optuna how the trial ended, with the reason and outcome kept on the trial."""
+    if outcome.reason:
+        trial.set_user_attr("fail_reason", outcome.reason[-4000:])
+    if outcome.state == "fail":
+        kind = (outcome.reason or "fail").split(":", 1)[0]
+        trial.set_user_attr("outcome", kind if kind in FAIL_KINDS else "error")
+    _tell(study, trial, outcome, cfg.objective.direction)
+
+
+FAIL_KINDS = {"crash", "hang", "nonfinite_loss"}
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, direction: str = "minimize") -> None:
     try:
         if outcome.state == "complete":
             study.tell(trial, outcome.value)
+        elif outcome.state == "oom":
+            # Infeasible (its constraint is set): COMPLETE with the worst value, which best_trial and
+            # the report ignore, so the sampler counts it as infeasible rather than failed or pruned.
+            study.tell(trial, float("inf") if direction == "minimize" else float("-inf"))
         else:
             study.tell(trial, state=STATES[outcome.state])
     except RuntimeError as err:
@@ -122,12 +167,16 @@ class Display:
         m = outcome.metrics
         if outcome.state == "fail":
             first = (outcome.reason or "").splitlines()[0] if outcome.reason else ""
-            self.console.print(f"  [red]trial {number} failed[/]: {first}")
+            self.console.print(f"  [red]trial {number} failed[/]: {escape(first)}")
+        elif outcome.state == "oom":
+            self.console.print(f"  trial {number} [yellow]infeasible[/]: out of memory at "
+                               f"{m.get('mem_at_failure_mib', 0):,.0f} MiB (peak {m.get('peak_mem_mib', 0):,.0f} MiB)")
         else:
             tps = m.get("tokens_per_s")
             self.console.print(
                 f"  trial {number} [green]{outcome.state}[/] val_loss {outcome.value:.4f}  "
                 f"{tps or 0:,.0f} tok/s  peak {m.get('peak_mem_mib', 0):,.0f} MiB  train {m.get('train_s', 0):.1f}s"
+                + ("  [yellow]over the memory budget: infeasible[/]" if m.get("outcome") == "over_budget" else "")
             )
         try:
             self.best = f"{study.best_value:.4f} (trial {study.best_trial.number})"
@@ -150,10 +199,11 @@ def run_sweep(
     _write_json(study_dir / "study.json", {"study": cfg.study, "storage": redact(storage_url)})
 
     study = create_study(cfg, storage_url)
+    fail_stale_trials(study)
     done = finished_count(study)
-    remaining = cfg.n_trials - done
     console.print(f"study [bold]{cfg.study}[/]: {done} of {cfg.n_trials} trials finished; storage {redact(storage_url)}")
-    if remaining <= 0:
+    if done >= cfg.n_trials and not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,
+                                                                              optuna.trial.TrialState.RUNNING)):
         return SweepRun(study_dir, storage_url, 0, done)
 
     with console.status("preparing model and data (once per study)"):
@@ -169,30 +219,36 @@ def run_sweep(
     )
 
     deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
+    start_method = default_start_method(cfg.device) if cfg.start_method == "auto" else cfg.start_method
+    if start_method == "fork":
+        with console.status("starting the trial fork server (imports unsloth once per study)"):
+            seconds = start_fork_server(study_dir / "forkserver.log")
+        console.print(f"trial processes fork from a server that imported the training stack in {seconds:.1f}s")
     ran = 0
-    sampler = study.sampler
     with Display(console, cfg.n_trials, done) as display:
-        while ran < remaining:
+        while True:
             if deadline is not None and time.monotonic() >= deadline:
                 console.print("timeout reached: no new trials are started")
                 break
-            if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study):
-                console.print("grid exhausted")
+            trial = _next_trial(study, cfg, console)
+            if trial is None:
                 break
-            trial = study.ask()
             params = suggest(trial, cfg)
             display.start_trial(trial.number, params)
-            process = TrialProcess(study_dir, trial.number, storage_url)
+            process = TrialProcess(study_dir, trial.number, storage_url, start_method,
+                                   hang_timeout_s=cfg.budget.hang_timeout_s)
             try:
-                outcome = process.run(lambda ev, n=trial.number: display.on_event(n, ev))
+                # The heartbeat says "this trial's driver is alive"; if it stops, another driver
+                # (or this one, restarted) fails the trial after the grace period and retries it.
+                with get_heartbeat_thread(trial._trial_id, study._storage):
+                    outcome = process.run(lambda ev, n=trial.number: display.on_event(n, ev))
             except KeyboardInterrupt:
                 process.kill()
-                trial.set_user_attr("fail_reason", "interrupted by the user")
+                trial.set_user_attr("outcome", "interrupted")
+                trial.set_user_attr("fail_reason", "interrupted by the user (Ctrl-C)")
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 raise
-            if outcome.reason:
-                trial.set_user_attr("fail_reason", outcome.reason[-4000:])
-            _tell(study, trial, outcome)
+            _record(study, trial, outcome, cfg)
             _promote_best(study, study_dir, trial.number)
             display.end_trial(trial.number, outcome, study)
             ran += 1

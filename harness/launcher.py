@@ -2,12 +2,22 @@
 
 A process per trial means a crash, a leak or an out-of-memory error ends that trial alone, and
 every trial starts from clean memory, so its peak-memory figure is its own.
+
+Two ways to start a trial process:
+
+- **fork** (default where no NVIDIA device is visible): a fork server imports the training stack
+  (unsloth, torch, transformers) once; each trial is a fresh fork of it, so the ~6 s import is
+  paid once per study instead of once per trial.
+- **spawn** (default on GPU hosts): ``python -m harness.trial``. Importing unsloth initialises
+  CUDA, and a process that has done so cannot be forked, so each trial imports for itself.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
+import select
 import subprocess
 import sys
 import time
@@ -56,49 +66,215 @@ def run_prepare(config_json: Path, sweep_dir: Path, out: Path, log: Path) -> Non
                            f"preparing the model and data failed (exit {code}); see {log}:\n{_tail(log)}")
 
 
-class TrialProcess:
-    """Runs ``python -m harness.trial`` for one trial, relaying its progress events."""
+def nvidia_visible() -> bool:
+    return os.path.exists("/dev/nvidiactl") and os.environ.get("CUDA_VISIBLE_DEVICES", "0") not in ("", "-1")
 
-    def __init__(self, study_dir: Path, number: int, storage_url: str):
+
+def default_start_method(device: str) -> str:
+    return "fork" if device == "cpu" or not nvidia_visible() else "spawn"
+
+
+_FORK_CONTEXT: Any = None
+
+
+def _fork_context() -> Any:
+    """The fork server, preloading the training stack; started on first use, kept for the driver's life."""
+    global _FORK_CONTEXT
+    if _FORK_CONTEXT is None:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["harness.train", "harness.trial", "optuna"])
+        _FORK_CONTEXT = ctx
+    return _FORK_CONTEXT
+
+
+def _noop() -> None:
+    pass
+
+
+def start_fork_server(log: Path) -> float:
+    """Start the fork server now (its imports take seconds), its output going to ``log``.
+
+    Returns the seconds it took: the once-per-study import that each trial no longer pays.
+    """
+    ctx = _fork_context()
+    t0 = time.perf_counter()
+    saved = os.dup(1), os.dup(2)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:  # the server inherits fds 1 and 2 when it starts: point them at the log for that moment
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        proc = ctx.Process(target=_noop)
+        proc.start()
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in (*saved, fd):
+            os.close(f)
+    proc.join()
+    return time.perf_counter() - t0
+
+
+def _watch_driver(driver_pid: int) -> None:
+    """End this trial if its driver dies (the fork server, our parent, may outlive it briefly)."""
+    import signal
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(driver_pid, 0)
+            except ProcessLookupError:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True, name="driver-watch").start()
+
+
+def _forked_trial(study_dir: str, number: int, env: dict[str, str], log: str, conn: Any, started_at: float,
+                  driver_pid: int) -> None:
+    """Body of a forked trial process: take the trial's environment and log, then run it."""
+    from multiprocessing import forkserver
+
+    # multiprocessing hands each child the fork server's "alive" pipe; holding it would keep the
+    # server running after the driver dies. This trial starts no processes of its own: let it go.
+    alive_fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
+    if alive_fd is not None:
+        try:
+            os.close(alive_fd)
+        except OSError:
+            pass
+    _watch_driver(driver_pid)
+    os.environ.clear()
+    os.environ.update(env)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
+    from harness.trial import execute
+
+    def send(event: str, **fields: Any) -> None:
+        try:
+            conn.send({"event": event, **fields})
+        except (OSError, ValueError):
+            pass  # the driver went away; training goes on and the result file remains
+
+    sys.exit(execute(Path(study_dir), number, send, started_at))
+
+
+class TrialProcess:
+    """One trial in its own process, its progress relayed to ``on_event``."""
+
+    def __init__(self, study_dir: Path, number: int, storage_url: str, start_method: str = "spawn",
+                 hang_timeout_s: float | None = None, extra_env: dict[str, str] | None = None):
         self.study_dir, self.number, self.storage_url = study_dir, number, storage_url
+        self.start_method, self.hang_timeout_s = start_method, hang_timeout_s
+        self.extra_env = extra_env or {}
         self.dir = study_dir / "trials" / str(number)
         self.log = self.dir / "log.txt"
-        self.proc: subprocess.Popen | None = None
+        self._kill: Callable[[], None] = lambda: None
+        self.hung = False
 
     def run(self, on_event: Callable[[dict], None]) -> TrialOutcome:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "result.json").unlink(missing_ok=True)
+        env = {**child_env(self.storage_url), **self.extra_env}
+        if self.start_method == "fork":
+            code = self._run_forked(env, on_event)
+        else:
+            code = self._run_spawned(env, on_event)
+        return self._outcome(code)
+
+    def _watch(self, wait_event: Callable[[float], dict | None | bool], alive: Callable[[], bool],
+               on_event: Callable[[dict], None]) -> None:
+        """Relay events until the process ends; kill it when no event came for ``hang_timeout_s``."""
+        last = time.monotonic()
+        while True:
+            ev = wait_event(1.0)
+            if ev is False:  # the channel closed: the process is ending
+                return
+            if ev:
+                last = time.monotonic()
+                on_event(ev)
+            elif not alive():
+                return
+            elif self.hang_timeout_s and time.monotonic() - last > self.hang_timeout_s:
+                self.hung = True
+                self._kill()
+                return
+
+    def _run_forked(self, env: dict[str, str], on_event: Callable[[dict], None]) -> int:
+        ctx = _fork_context()
+        receive, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_forked_trial, daemon=False,
+                           args=(str(self.study_dir), self.number, env, str(self.log), send, time.time(),
+                                 os.getpid()))
+        proc.start()
+        send.close()
+        self._kill = lambda: (proc.kill(), proc.join())
+
+        def wait_event(timeout: float):
+            if not receive.poll(timeout):
+                return None
+            try:
+                return receive.recv()
+            except (EOFError, OSError):
+                return False
+
+        self._watch(wait_event, proc.is_alive, on_event)
+        proc.join()
+        return proc.exitcode
+
+    def _run_spawned(self, env: dict[str, str], on_event: Callable[[dict], None]) -> int:
         read_fd, write_fd = os.pipe()
-        env = child_env(self.storage_url)
         env["HARNESS_PROGRESS_FD"] = str(write_fd)
         env["HARNESS_SPAWNED_AT"] = repr(time.time())
         with self.log.open("w") as log_f:
-            self.proc = subprocess.Popen(
+            proc = subprocess.Popen(
                 [sys.executable, "-m", "harness.trial", str(self.study_dir), str(self.number)],
                 stdout=log_f, stderr=subprocess.STDOUT, env=env, pass_fds=(write_fd,),
             )
         os.close(write_fd)
-        with os.fdopen(read_fd) as events:
-            for line in events:  # ends when the child exits and its end of the pipe closes
-                try:
-                    on_event(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
-        code = self.proc.wait()
-        return self._outcome(code)
+        self._kill = lambda: (proc.kill(), proc.wait())
+        events = os.fdopen(read_fd)
+        buffer: deque[dict] = deque()
+
+        def wait_event(timeout: float):
+            if buffer:
+                return buffer.popleft()
+            ready, _, _ = select.select([events], [], [], timeout)
+            if not ready:
+                return None
+            line = events.readline()
+            if not line:
+                return False
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                return None
+
+        try:
+            self._watch(wait_event, lambda: proc.poll() is None, on_event)
+        finally:
+            events.close()
+        return proc.wait()
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        self._kill()
 
-    def _outcome(self, code: int) -> TrialOutcome:
+    def _outcome(self, code: int | None) -> TrialOutcome:
+        code = -9 if code is None else code
+        if self.hung:
+            return TrialOutcome("fail", reason=f"hang: no progress for {self.hang_timeout_s:g} s, killed\n"
+                                               f"{_tail(self.log)}", exit_code=code)
         try:
             result = json.loads((self.dir / "result.json").read_text())
         except (OSError, json.JSONDecodeError):
             how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-            return TrialOutcome("fail", reason=f"trial process ended without a result ({how})\n{_tail(self.log)}",
-                                exit_code=code)
+            return TrialOutcome("fail", reason=f"crash: trial process ended without a result ({how})\n"
+                                               f"{_tail(self.log)}", exit_code=code)
         reason = result.get("reason")
         if reason:
             reason += "\n" + _tail(self.log)

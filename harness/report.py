@@ -13,7 +13,7 @@ from typing import Any
 import optuna
 import polars as pl
 
-from harness.study import default_storage, make_storage
+from harness.study import default_storage, make_storage, superseded
 
 METRICS = ["val_loss", "tokens_per_s", "padded_tokens_per_s", "peak_mem_mib", "peak_alloc_mib", "peak_reserved_mib", "train_s",
            "load_s", "import_s", "spawn_s", "steps", "tokens_trained"]
@@ -21,12 +21,17 @@ METRICS = ["val_loss", "tokens_per_s", "padded_tokens_per_s", "peak_mem_mib", "p
 
 def trials_frame(study: optuna.Study) -> pl.DataFrame:
     """One row per trial: number, state, metrics, and one ``param_<name>`` column per searched parameter."""
-    param_names = sorted({k for t in study.get_trials(deepcopy=False) for k in t.params})
+    trials = study.get_trials(deepcopy=False)
+    param_names = sorted({k for t in trials for k in t.params})
+    retried = superseded(trials)
     rows = []
-    for t in study.get_trials(deepcopy=False):
-        row: dict[str, Any] = {"number": t.number, "state": t.state.name}
+    for t in trials:
+        outcome = t.user_attrs.get("outcome") or ("stale_retried" if t.number in retried else t.state.name.lower())
+        row: dict[str, Any] = {"number": t.number, "state": t.state.name, "outcome": outcome,
+                               "feasible": all(v <= 0 for v in t.constraints.values())}
         for m in METRICS:
             row[m] = t.user_attrs.get(m)
+        row["mem_at_failure_mib"] = t.user_attrs.get("mem_at_failure_mib")
         row["device"] = t.user_attrs.get("device")
         row["gpu_name"] = t.user_attrs.get("gpu_name")
         row["duration_s"] = t.duration.total_seconds() if t.duration else None
@@ -34,7 +39,8 @@ def trials_frame(study: optuna.Study) -> pl.DataFrame:
         for p in param_names:
             row[f"param_{p}"] = t.params.get(p)
         rows.append(row)
-    schema = {"number": pl.Int64, "state": pl.Utf8, **{m: pl.Float64 for m in METRICS}, "device": pl.Utf8,
+    schema = {"number": pl.Int64, "state": pl.Utf8, "outcome": pl.Utf8, "feasible": pl.Boolean,
+              **{m: pl.Float64 for m in METRICS}, "mem_at_failure_mib": pl.Float64, "device": pl.Utf8,
               "gpu_name": pl.Utf8, "duration_s": pl.Float64, "fail_reason": pl.Utf8}
     schema.update({f"param_{p}": pl.Float64 for p in param_names})
     return pl.DataFrame(rows, schema=schema, orient="row") if rows else pl.DataFrame(schema=schema)
@@ -54,7 +60,7 @@ def _md(df: pl.DataFrame) -> str:
 
 def marginals(df: pl.DataFrame, param_cols: list[str]) -> pl.DataFrame:
     """Per parameter value (log-binned to a third of a decade when there are many values): trials, mean and best val_loss."""
-    done = df.filter(pl.col("val_loss").is_not_null() & pl.col("state").is_in(["COMPLETE", "PRUNED"]))
+    done = df.filter(pl.col("val_loss").is_not_null() & pl.col("outcome").is_in(["complete", "pruned"]))
     parts = []
     for col in param_cols:
         values = done.get_column(col).drop_nulls()
@@ -76,10 +82,10 @@ def marginals(df: pl.DataFrame, param_cols: list[str]) -> pl.DataFrame:
 
 def summary_markdown(study: optuna.Study, df: pl.DataFrame) -> str:
     param_cols = [c for c in df.columns if c.startswith("param_")]
-    counts = df.group_by("state").len().sort("state")
+    counts = df.group_by("outcome").len().sort("outcome")
     lines = [f"# Study `{study.study_name}`", "",
              "Trials: " + ", ".join(f"{s} {n}" for s, n in counts.iter_rows()), ""]
-    complete = df.filter(pl.col("state") == "COMPLETE").sort("val_loss")
+    complete = df.filter(pl.col("outcome") == "complete").sort("val_loss")
     shown = ["number", "val_loss", "tokens_per_s", "peak_mem_mib", "train_s", *param_cols]
     if complete.height:
         best = complete.row(0, named=True)
@@ -101,9 +107,14 @@ def summary_markdown(study: optuna.Study, df: pl.DataFrame) -> str:
                 "skipped_empty"]
         table = pl.DataFrame([{"split": name, **{c: float(s.get(c, 0)) for c in cols}} for name, s in data.items()])
         lines += ["## Data", "", "Token lengths per row before truncation (BOS and EOS included).", "", _md(table), ""]
+    infeasible = df.filter(~pl.col("feasible"))
+    if infeasible.height:
+        lines += ["## Infeasible trials", "", "Out of memory or over `memory_budget_mib`: recorded as infeasible "
+                  "(an Optuna constraint), so the sampler steers away from them.", "",
+                  _md(infeasible.select("number", "outcome", "peak_mem_mib", "mem_at_failure_mib", *param_cols)), ""]
     failed = df.filter(pl.col("state") == "FAIL")
     if failed.height:
-        lines += ["## Failed trials", "", _md(failed.select("number", "fail_reason")), ""]
+        lines += ["## Failed trials", "", _md(failed.select("number", "outcome", "fail_reason")), ""]
     lines += ["Metrics: validation loss is the mean token-level cross-entropy over the validation split; "
               "tokens/s counts non-padding tokens trained per second, warm-up steps and evaluation excluded; "
               "peak memory is CUDA max reserved (GPU) or peak RSS (CPU).", ""]

@@ -7,15 +7,20 @@ and asks the same pruner whether to stop), so both build them from the same conf
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import optuna
 
-from harness.config import Choices, Range, SweepConfig
+from harness.config import Choices, FaultTolerance, Range, SweepConfig
 from harness.errors import HarnessError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+# Heartbeats and their retry callback are marked experimental; we rely on them on purpose.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# The driver beats the heartbeat itself around ask/tell (Optuna expects optimize() to do it).
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
 def default_storage(study_dir: Path) -> str:
@@ -27,12 +32,20 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
-def make_storage(url: str) -> optuna.storages.BaseStorage:
-    """An RDB storage; failures become one line with the URL's password hidden."""
+def make_storage(url: str, faults: FaultTolerance | None = None) -> optuna.storages.BaseStorage:
+    """An RDB storage; failures become one line with the URL's password hidden.
+
+    With ``faults``, the storage keeps heartbeats: a trial whose heartbeat stops is failed after
+    the grace period and retried (a new WAITING trial with the same parameters).
+    """
     # SQLite: trial processes write to the same file as the driver; wait for the lock instead of failing.
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    heartbeat = {} if faults is None else dict(
+        heartbeat_interval=max(1, round(faults.heartbeat_s)), grace_period=max(2, round(faults.grace_s)),
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=faults.max_retries),
+    )
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **heartbeat)
     except ImportError:
         raise HarnessError(f"storage {redact(url)}: its database driver is not installed "
                            f"(PostgreSQL: pip install 'harness[postgres]')") from None
@@ -98,8 +111,9 @@ def _typed(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def create_study(cfg: SweepConfig, storage_url: str) -> optuna.Study:
+    """The driver's handle on the study: with heartbeats, so dead drivers' trials get retried."""
     return optuna.create_study(
-        study_name=cfg.study, storage=make_storage(storage_url), sampler=make_sampler(cfg),
+        study_name=cfg.study, storage=make_storage(storage_url, cfg.fault_tolerance), sampler=make_sampler(cfg),
         pruner=make_pruner(cfg), direction=cfg.objective.direction, load_if_exists=True,
     )
 
@@ -111,8 +125,27 @@ def load_study(cfg: SweepConfig, storage_url: str) -> optuna.Study:
 
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+_retry = optuna.storages.RetryHeartbeatStaleTrialCallback
+
+
+def superseded(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
+    """Numbers of failed trials that a retry replaced."""
+    out: set[int] = set()
+    for t in trials:
+        out.update(_retry.retry_history(t))
+    return out
+
+
+def counted_trials(study: optuna.Study) -> int:
+    """Trials that count towards ``n_trials``: all of them, running and waiting ones included,
+    except failed trials that a retry replaced (the retry counts in their place)."""
+    trials = study.get_trials(deepcopy=False)
+    gone = superseded(trials)
+    return sum(1 for t in trials if t.number not in gone)
 
 
 def finished_count(study: optuna.Study) -> int:
-    """Trials that count towards ``n_trials``: every trial that has ended, whatever its state."""
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+    """Trials that have ended (complete, pruned, or failed without a retry)."""
+    trials = study.get_trials(deepcopy=False, states=FINISHED)
+    gone = superseded(study.get_trials(deepcopy=False))
+    return sum(1 for t in trials if t.number not in gone)

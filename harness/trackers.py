@@ -36,6 +36,16 @@ class WandbTracker:
     def __init__(self, cfg: WandbConfig, study: str, trial_number: int, config: dict[str, Any], run_dir: Path):
         self.cfg, self.study, self.number, self.config, self.run_dir = cfg, study, trial_number, config, run_dir
         self.run = None
+        self._injected: BaseException | None = None
+
+    def fail_next(self, err: BaseException) -> None:
+        """Test hook (harness.faults): the next W&B call raises ``err``, as a full disk would."""
+        self._injected = err
+
+    def _raise_injected(self) -> None:
+        if self._injected is not None:
+            err, self._injected = self._injected, None
+            raise err
 
     def _off(self, what: str, err: BaseException) -> None:
         print(f"warning: W&B {what} failed, continuing without it: {type(err).__name__}: {err}", file=sys.stderr)
@@ -61,6 +71,7 @@ class WandbTracker:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if self.run is not None:
             try:
+                self._raise_injected()
                 self.run.log(metrics, step=step)
             except Exception as err:  # noqa: BLE001
                 self._off("log", err)
@@ -68,6 +79,7 @@ class WandbTracker:
     def summarize(self, metrics: dict[str, Any]) -> None:
         if self.run is not None:
             try:
+                self._raise_injected()
                 self.run.summary.update({k: v for k, v in metrics.items() if v is not None})
             except Exception as err:  # noqa: BLE001
                 self._off("summary", err)

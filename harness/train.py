@@ -6,6 +6,7 @@ Imported only inside a trial process (it imports unsloth first, then torch).
 from __future__ import annotations
 
 import math
+import os
 import random
 import resource
 import time
@@ -235,6 +236,20 @@ def train(
                 result.stopped_early = True
                 break
     return result
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
+
+
+def memory_in_use(device: str) -> float:
+    """MiB held now: CUDA reserved memory, or this process's resident set on CPU."""
+    if device == "cuda":
+        return round(torch.cuda.memory_reserved() / 2**20, 1)
+    with open("/proc/self/statm") as f:
+        return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
 
 
 def peak_memory(device: str) -> dict[str, float]:

@@ -17,30 +17,18 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-SPAWNED_AT = float(os.environ.get("HARNESS_SPAWNED_AT", time.time()))
 os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-_t = time.perf_counter()
-from harness import train as T  # noqa: E402  (imports unsloth, then torch)
-
-IMPORT_S = time.perf_counter() - _t
-
-import optuna  # noqa: E402
-
-from harness.config import SweepConfig  # noqa: E402
-from harness.prepare import Prepared  # noqa: E402
-from harness.study import load_study, trial_params  # noqa: E402
-from harness.trackers import WandbTracker  # noqa: E402
+Send = Callable[..., None]  # send(event, **fields): progress to the driver
 
 
-class Progress:
-    """JSON lines to the driver; silent when no descriptor was given."""
+class FdProgress:
+    """JSON lines to the driver through an inherited file descriptor; silent without one."""
 
-    def __init__(self) -> None:
-        fd = os.environ.get("HARNESS_PROGRESS_FD")
+    def __init__(self, fd: str | None) -> None:
         self.out = os.fdopen(int(fd), "w", buffering=1) if fd else None
 
     def __call__(self, event: str, **fields: Any) -> None:
@@ -57,7 +45,19 @@ def write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def run_trial(study_dir: Path, number: int) -> dict[str, Any]:
+def run_trial(study_dir: Path, number: int, progress: Send, started_at: float) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    from harness import train as T  # unsloth, then torch: instant when a fork server preloaded them
+
+    import_s = time.perf_counter() - t0
+    import optuna
+
+    from harness import faults
+    from harness.config import SweepConfig
+    from harness.prepare import Prepared
+    from harness.study import load_study, trial_params
+    from harness.trackers import WandbTracker
+
     cfg = SweepConfig.model_validate_json((study_dir / "sweep.json").read_text())
     prepared = Prepared.load(study_dir / "prepared.json")
     study = load_study(cfg, os.environ["HARNESS_STORAGE_URL"])
@@ -66,47 +66,69 @@ def run_trial(study_dir: Path, number: int) -> dict[str, Any]:
     params = T.TrainParams(**trial_params(frozen, cfg))
     trial_dir = study_dir / "trials" / str(number)
     trial_dir.mkdir(parents=True, exist_ok=True)
-    progress = Progress()
 
     device = T.resolve_device(cfg.device)
     dtype = T.resolve_dtype(cfg.model.dtype, device)
     metrics: dict[str, Any] = {
         "device": device, "gpu_name": T.torch.cuda.get_device_name() if device == "cuda" else None,
-        "dtype": str(dtype).removeprefix("torch."), "import_s": round(IMPORT_S, 3),
-        "spawn_s": round(time.time() - SPAWNED_AT - IMPORT_S, 3),
+        "dtype": str(dtype).removeprefix("torch."), "import_s": round(import_s, 3),
+        "spawn_s": round(time.time() - started_at - (time.perf_counter() - t0), 3),
     }
     if device == "cuda":
         T.torch.cuda.reset_peak_memory_stats()
+        if cfg.memory_budget_mib:
+            # Enforced by the allocator: going over raises an out-of-memory error in this trial.
+            total = T.torch.cuda.get_device_properties(0).total_memory / 2**20
+            T.torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.memory_budget_mib / total))
+    fault = faults.planned(number)
     tracker_config = {**vars(params), "model": cfg.model.name, "seed": cfg.seed, "max_seq_length": cfg.max_seq_length}
     with WandbTracker(cfg.wandb, cfg.study, number, tracker_config, study_dir / "wandb") as tracker:
         progress("phase", phase="loading")
         t0 = time.perf_counter()
-        model, tokenizer = T.load_lora_model(
-            prepared.model_dir, params, max_seq_length=cfg.max_seq_length, dtype=dtype,
-            load_in_4bit=cfg.model.load_in_4bit, target_modules=cfg.model.target_modules,
-            checkpointing=cfg.model.gradient_checkpointing, seed=cfg.seed,
-        )
-        train_rows, val_rows = T.load_rows(prepared.train_tokens), T.load_rows(prepared.val_tokens)
-        metrics["load_s"] = round(time.perf_counter() - t0, 3)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        model = None
+        try:
+            model, tokenizer = T.load_lora_model(
+                prepared.model_dir, params, max_seq_length=cfg.max_seq_length, dtype=dtype,
+                load_in_4bit=cfg.model.load_in_4bit, target_modules=cfg.model.target_modules,
+                checkpointing=cfg.model.gradient_checkpointing, seed=cfg.seed,
+            )
+            train_rows, val_rows = T.load_rows(prepared.train_tokens), T.load_rows(prepared.val_tokens)
+            metrics["load_s"] = round(time.perf_counter() - t0, 3)
+            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-        def on_step(step: int, total: int, loss: float) -> None:
-            progress("step", step=step, total=total, loss=loss)
+            def on_step(step: int, total: int, loss: float) -> None:
+                progress("step", step=step, total=total, loss=loss)
+                if fault and step == fault.step:
+                    faults.inject(fault, model, device, tracker)
 
-        def on_eval(step: int, val_loss: float) -> bool:
-            trial.report(val_loss, step)
-            tracker.log({"val_loss": val_loss}, step=step)
-            prune = bool(trial.should_prune())
-            progress("eval", step=step, val_loss=val_loss, prune=prune)
-            return prune
+            def on_eval(step: int, val_loss: float) -> bool:
+                trial.report(val_loss, step)
+                tracker.log({"val_loss": val_loss}, step=step)
+                prune = bool(trial.should_prune())
+                progress("eval", step=step, val_loss=val_loss, prune=prune)
+                return prune
 
-        progress("phase", phase="training")
-        result = T.train(
-            model, train_rows, val_rows, params, pad_id=pad_id, device=device, seed=cfg.seed,
-            max_seq_length=cfg.max_seq_length,
-            max_steps=cfg.budget.max_steps, eval_every=cfg.budget.eval_every,
-            timing_warmup_steps=cfg.budget.timing_warmup_steps, on_step=on_step, on_eval=on_eval,
-        )
+            progress("phase", phase="training")
+            result = T.train(
+                model, train_rows, val_rows, params, pad_id=pad_id, device=device, seed=cfg.seed,
+                max_seq_length=cfg.max_seq_length,
+                max_steps=cfg.budget.max_steps, eval_every=cfg.budget.eval_every,
+                timing_warmup_steps=cfg.budget.timing_warmup_steps, on_step=on_step, on_eval=on_eval,
+            )
+        except Exception as err:  # noqa: BLE001 - only out-of-memory is handled here; the rest re-raises
+            if not T.is_out_of_memory(err):
+                raise
+            # Out of memory is a property of this configuration, not a failure: the trial is recorded
+            # as infeasible (an Optuna constraint), so the sampler learns to avoid the region.
+            metrics.update(T.peak_memory(device), mem_at_failure_mib=T.memory_in_use(device),
+                           oom_error=str(err).splitlines()[0][:300], outcome="oom")
+            over_budget = bool(cfg.memory_budget_mib and device == "cuda")
+            trial.set_constraint("memory_budget" if over_budget else "oom", 1.0)
+            for key, value in metrics.items():
+                trial.set_user_attr(key, value)
+            tracker.summarize(metrics)
+            return {"state": "oom", "value": None, "metrics": metrics,
+                    "reason": f"out of memory: {metrics['oom_error']}"}
         for h in result.history:
             tracker.log({"train_loss": h["train_loss"], "tokens_per_s": h["tokens_per_s"]}, step=h["step"])
         metrics.update(T.peak_memory(device))
@@ -117,11 +139,15 @@ def run_trial(study_dir: Path, number: int) -> dict[str, Any]:
             total_steps=result.total_steps, tokens_trained=result.tokens_trained,
         )
         state = "pruned" if result.stopped_early else "complete"
-        metrics["state"] = state
+        metrics["outcome"] = state
+        if cfg.memory_budget_mib and metrics["peak_mem_mib"] > cfg.memory_budget_mib:
+            # On CPU the budget is checked against peak RSS once the trial is done.
+            trial.set_constraint("memory_budget", metrics["peak_mem_mib"] - cfg.memory_budget_mib)
+            metrics["outcome"] = "over_budget"
         tracker.summarize(metrics)
         for key, value in metrics.items():
             trial.set_user_attr(key, value)
-        if state == "complete" and _beats_best(study, result.val_loss, cfg.objective.direction):
+        if metrics["outcome"] == "complete" and _beats_best(study, result.val_loss, cfg.objective.direction):
             # Only a trial that may become the best keeps its adapter; the driver promotes it to best/.
             model.save_pretrained(str(trial_dir / "adapter"))
             tokenizer.save_pretrained(str(trial_dir / "adapter"))
@@ -136,20 +162,38 @@ def _beats_best(study, value: float, direction: str) -> bool:
     return value < best if direction == "minimize" else value > best
 
 
-def main(argv: list[str] | None = None) -> int:
-    study_dir, number = (argv or sys.argv[1:])[:2]
-    study_dir, number = Path(study_dir), int(number)
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies: a trial never outlives its driver
+    (a restarted driver then finds the trial stale and retries it, instead of racing an orphan)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        pass
+
+
+def execute(study_dir: Path, number: int, progress: Send, started_at: float) -> int:
+    """Run one trial and write ``trials/<n>/result.json``; 0 on success, 1 on a failure it caught."""
+    die_with_parent()
     result_file = study_dir / "trials" / str(number) / "result.json"
     result_file.parent.mkdir(parents=True, exist_ok=True)
     try:
-        result = run_trial(study_dir, number)
+        result = run_trial(study_dir, number, progress, started_at)
     except Exception as err:  # noqa: BLE001 - the reason goes to the driver, which marks the trial FAIL
         traceback.print_exc()
-        kind = "nonfinite_loss" if isinstance(err, T.NonFiniteLoss) else type(err).__name__
+        kind = "nonfinite_loss" if type(err).__name__ == "NonFiniteLoss" else type(err).__name__
         write_json(result_file, {"state": "fail", "reason": f"{kind}: {err}"})
         return 1
     write_json(result_file, result)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry for a spawned trial process (``python -m harness.trial STUDY_DIR N``)."""
+    study_dir, number = (argv or sys.argv[1:])[:2]
+    started_at = float(os.environ.get("HARNESS_SPAWNED_AT", time.time()))
+    return execute(Path(study_dir), int(number), FdProgress(os.environ.get("HARNESS_PROGRESS_FD")), started_at)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,65 @@
+"""The fault-injection hook: a documented test hook that makes a trial process fail for real.
+
+``HARNESS_FAULTS="1:sigkill@3,2:nan@2"`` makes trial 1 kill itself with SIGKILL after step 3 and
+trial 2 turn its weights to NaN after step 2. Each fault acts after the named optimizer step:
+
+==========  ===================================================================================
+sigkill     the process sends itself SIGKILL (a crash with no traceback, no result file)
+segfault    the process reads address 0 (a real segmentation fault)
+nan         a trainable weight becomes NaN: the next step's loss is NaN and the trial stops
+hang        the process sleeps forever: the driver kills it after ``budget.hang_timeout_s``
+oom         the process asks its device for 64 TiB: a real allocator failure (out of memory)
+wandb       W&B's next call raises "No space left on device": W&B turns off, the trial goes on
+==========  ===================================================================================
+
+Nothing happens unless the variable is set. The fault suite (tests/test_faults.py) drives it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+KINDS = ("sigkill", "segfault", "nan", "hang", "oom", "wandb")
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    step: int
+
+
+def planned(trial_number: int, spec: str | None = None) -> Fault | None:
+    """The fault planned for this trial, if any (``N:kind@step``, comma separated)."""
+    spec = os.environ.get("HARNESS_FAULTS", "") if spec is None else spec
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        number, _, rest = item.partition(":")
+        kind, _, step = rest.partition("@")
+        if kind not in KINDS:
+            raise ValueError(f"HARNESS_FAULTS: unknown fault '{kind}' in '{item}'; known: {', '.join(KINDS)}")
+        if int(number) == trial_number:
+            return Fault(kind, int(step or 1))
+    return None
+
+
+def inject(fault: Fault, model, device: str, tracker) -> None:
+    import torch
+
+    if fault.kind == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif fault.kind == "segfault":
+        ctypes.string_at(0)
+    elif fault.kind == "nan":
+        with torch.no_grad():
+            next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+    elif fault.kind == "hang":
+        while True:
+            time.sleep(3600)
+    elif fault.kind == "oom":
+        torch.empty(1 << 46, dtype=torch.uint8, device=device)
+    elif fault.kind == "wandb":
+        tracker.fail_next(OSError(errno.ENOSPC, "No space left on device"))

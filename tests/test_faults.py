@@ -1,0 +1,185 @@
+"""The fault-injection suite: real failures (harness.faults' HARNESS_FAULTS hook, a SIGKILLed
+driver, Ctrl-C, a memory budget) against a real study. No trial may be lost.
+
+It prints its figure at the end: faults injected, faults survived, trials lost.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import polars as pl
+import pytest
+import yaml
+
+from conftest import ROOT
+
+pytestmark = [pytest.mark.timeout(900), pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
+State = optuna.trial.TrialState
+
+SWEEP = {
+    "study": "faults", "model": {"name": "tiny-mistral", "gradient_checkpointing": False},
+    "dataset": {"source": "shakespeare", "max_val_rows": 16}, "max_seq_length": 64,
+    "budget": {"max_steps": 6, "eval_every": 3, "hang_timeout_s": 8},
+    "search_space": {"batch_size": 4, "learning_rate": {"low": 1e-3, "high": 1e-2, "log": True}, "lora_r": 4},
+    "sampler": {"name": "random"}, "pruner": {"name": "none"}, "n_trials": 8,
+    "fault_tolerance": {"heartbeat_s": 1, "grace_s": 3, "max_retries": 1}, "wandb": {"mode": "offline"},
+}
+TRIAL_FAULTS = "1:sigkill@2,2:segfault@2,3:nan@2,4:hang@2,5:oom@2,6:wandb@1"
+FIGURE = {"injected": 0, "survived": 0}
+
+
+def cli(*args, env=None, **kw):
+    return [sys.executable, "-m", "harness.cli", *args], dict(os.environ, **(env or {}))
+
+
+def run(args, env=None, timeout=600):
+    cmd, env = cli(*args, env=env)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def survived(name: str, ok: bool) -> bool:
+    FIGURE["injected"] += 1
+    FIGURE["survived"] += bool(ok)
+    return ok
+
+
+def load(study_dir):
+    return optuna.load_study(study_name=study_dir.name, storage=f"sqlite:///{study_dir / 'study.db'}")
+
+
+def running(study_dir, number) -> bool:
+    try:
+        return any(t.number == number and t.state == State.RUNNING for t in load(study_dir).trials)
+    except (KeyError, Exception):  # the storage or the study is not there yet
+        return False
+
+
+def wait_for(predicate, timeout=120, every=0.5):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(every)
+    return False
+
+
+@pytest.fixture(scope="module")
+def faulty_study(tmp_path_factory, harness_cache):
+    root = tmp_path_factory.mktemp("faults")
+    (root / "faults.yaml").write_text(yaml.safe_dump(SWEEP))
+    proc = run(["run", str(root / "faults.yaml"), "--results-dir", str(root / "results")],
+               env={"HARNESS_FAULTS": TRIAL_FAULTS})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root, root / "results" / "faults", proc
+
+
+def test_each_trial_fault_is_recorded_with_its_reason_and_the_driver_goes_on(faulty_study):
+    _, study_dir, _ = faulty_study
+    trials = {t.number: t for t in load(study_dir).trials}
+    assert sorted(trials) == list(range(8))
+    reason = lambda n: trials[n].user_attrs.get("fail_reason", "")  # noqa: E731
+    assert survived("sigkill", trials[1].state == State.FAIL and trials[1].user_attrs["outcome"] == "crash"
+                    and "killed by signal 9" in reason(1))
+    assert survived("segfault", trials[2].state == State.FAIL and "killed by signal 11" in reason(2))
+    assert survived("nan", trials[3].state == State.FAIL and reason(3).startswith("nonfinite_loss: loss became nan"))
+    assert survived("hang", trials[4].state == State.FAIL and reason(4).startswith("hang: no progress for 8 s"))
+    # The log's last lines come with each reason.
+    assert "Traceback" in reason(3) or "NonFiniteLoss" in reason(3)
+    oom = trials[5]
+    assert survived("oom", oom.state == State.COMPLETE and oom.constraints == {"oom": 1.0}
+                    and oom.user_attrs["outcome"] == "oom" and oom.user_attrs["mem_at_failure_mib"] > 0
+                    and "can't allocate memory" in oom.user_attrs["oom_error"])
+    wandb = trials[6]
+    log = (study_dir / "trials" / "6" / "log.txt").read_text()
+    assert survived("wandb", wandb.state == State.COMPLETE and "W&B log failed, continuing without it: OSError: "
+                    "[Errno 28] No space left on device" in log)
+    for n in (0, 6, 7):
+        assert trials[n].state == State.COMPLETE and trials[n].user_attrs["outcome"] == "complete"
+
+
+def test_out_of_memory_is_infeasible_not_best_and_reported(faulty_study):
+    _, study_dir, _ = faulty_study
+    study = load(study_dir)
+    assert study.best_trial.number != 5  # infeasible trials are never best
+    df = pl.read_parquet(study_dir / "trials.parquet")
+    row = df.filter(pl.col("number") == 5).row(0, named=True)
+    assert row["outcome"] == "oom" and row["feasible"] is False and row["val_loss"] is None
+    summary = (study_dir / "summary.md").read_text()
+    assert "## Infeasible trials" in summary and "## Failed trials" in summary and "| 4 | hang |" in summary
+
+
+def test_driver_killed_mid_study_resumes_without_losing_or_repeating(faulty_study):
+    root, study_dir, _ = faulty_study
+    args = ["run", str(root / "faults.yaml"), "--results-dir", str(root / "results"), "--n-trials", "10"]
+    cmd, env = cli(*args, env={"HARNESS_FAULTS": ""})
+    # Slow trial 8 down (a hang the driver will not see: the driver dies first).
+    env["HARNESS_FAULTS"] = "8:hang@1"
+    driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_for(lambda: running(study_dir, 8) and (study_dir / "trials" / "8" / "log.txt").exists()), \
+        "trial 8 never started"
+    time.sleep(3)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    # The trial process dies with its driver (PR_SET_PDEATHSIG): no orphan trains on.
+    assert wait_for(lambda: subprocess.run(["pgrep", "-f", "multiprocessing.forkserver|harness.trial"],
+                                           capture_output=True).returncode != 0, timeout=30)
+    again = run(args)  # the same command, as a user would type it again
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    study = load(study_dir)
+    trials = {t.number: t for t in study.trials}
+    retry = next(t for t in trials.values() if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 8)
+    ok = (trials[8].state == State.FAIL and retry.state == State.COMPLETE and retry.params == trials[8].params
+          and not [t for t in trials.values() if t.state in (State.RUNNING, State.WAITING)])
+    assert survived("driver SIGKILL", ok), {n: t.state for n, t in trials.items()}
+    from harness.study import counted_trials, finished_count
+
+    assert counted_trials(study) == finished_count(study) == 10  # n_trials holds over the whole study
+    df = pl.read_parquet(study_dir / "trials.parquet")
+    assert df.height == 11 and df.filter(pl.col("number") == 8)["outcome"].item() == "stale_retried"
+    # Rerun once more: nothing to do, nothing runs twice.
+    assert run(args).returncode == 0 and len(load(study_dir).trials) == 11
+
+
+def test_ctrl_c_marks_the_trial_and_writes_the_tables(tmp_path, harness_cache):
+    sweep = dict(SWEEP, study="interrupted", n_trials=3)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))
+    cmd, env = cli("run", str(tmp_path / "s.yaml"), "--results-dir", str(tmp_path / "results"),
+                   env={"HARNESS_FAULTS": "1:hang@1"})
+    driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    study_dir = tmp_path / "results" / "interrupted"
+    assert wait_for(lambda: running(study_dir, 1))
+    time.sleep(2)
+    driver.send_signal(signal.SIGINT)
+    out, _ = driver.communicate(timeout=120)
+    trials = load(study_dir).trials
+    ok = (driver.returncode == 130 and trials[0].state == State.COMPLETE and trials[1].state == State.FAIL
+          and trials[1].user_attrs["outcome"] == "interrupted" and (study_dir / "trials.parquet").exists()
+          and "interrupted" in (study_dir / "summary.md").read_text())
+    assert survived("ctrl-c", ok), out
+
+
+def test_memory_budget_makes_a_trial_infeasible(tmp_path, harness_cache):
+    sweep = dict(SWEEP, study="budget", n_trials=1, memory_budget_mib=100)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))
+    proc = run(["run", str(tmp_path / "s.yaml"), "--results-dir", str(tmp_path / "results")])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    t = load(tmp_path / "results" / "budget").trials[0]
+    ok = (t.state == State.COMPLETE and t.user_attrs["outcome"] == "over_budget"
+          and t.constraints["memory_budget"] == pytest.approx(t.user_attrs["peak_mem_mib"] - 100))
+    assert survived("memory budget", ok)
+    assert "over the memory budget: infeasible" in proc.stdout
+
+
+def test_figure(faulty_study, capsys):
+    """Runs last in this module: the suite's figure."""
+    _, study_dir, _ = faulty_study
+    study = load(study_dir)
+    lost = [t.number for t in study.trials if t.state in (State.RUNNING, State.WAITING)]
+    with capsys.disabled():
+        print(f"\nfault injection: {FIGURE['injected']} faults injected, {FIGURE['survived']} survived, "
+              f"{len(lost)} trials lost")
+    assert not lost and FIGURE["injected"] == FIGURE["survived"] >= 7
