@@ -31,10 +31,20 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
         updates["storage"] = args.storage
     if updates:
         cfg = type(cfg).model_validate({**cfg.model_dump(), **updates})
+    if args.command == "worker" and not cfg.storage:
+        raise HarnessError("harness worker joins a shared study: give --storage postgresql://... or journal:///shared/path.log "
+                           "(or storage: in the sweep file)")
+    gpus = None
+    if args.gpus:
+        try:
+            gpus = [int(g) for g in args.gpus.split(",")]
+        except ValueError:
+            raise HarnessError(f"--gpus: expected GPU indices such as 0,1 (got {args.gpus})") from None
     study_dir = (Path(args.results_dir) / cfg.study).resolve()
     code = 0
     try:
-        run_sweep(cfg, Path(args.sweep).resolve().parent, Path(args.results_dir), console)
+        run_sweep(cfg, Path(args.sweep).resolve().parent, Path(args.results_dir), console, gpus=gpus,
+                  worker=args.command == "worker")
     except KeyboardInterrupt:
         console.print("interrupted: the running trial is marked failed; writing the tables")
         code = 130
@@ -116,7 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--n-trials", type=int, help="the study's total number of trials (overrides the file)")
     run.add_argument("--results-dir", default="results", help="where studies land (default: results)")
     run.add_argument("--storage", help="Optuna storage URL (overrides the file; default SQLite in the study folder)")
+    run.add_argument("--gpus", help="GPU pool, e.g. 0,1,2,3: one trial per GPU at once")
     run.set_defaults(func=_cmd_run)
+    worker = sub.add_parser("worker", help="join a shared study (PostgreSQL or a journal file) and run its trials")
+    worker.add_argument("sweep")
+    worker.add_argument("--storage", help="the shared storage URL (or storage: in the sweep file)")
+    worker.add_argument("--n-trials", type=int, help="the study's total number of trials, across all workers")
+    worker.add_argument("--results-dir", default="results")
+    worker.add_argument("--gpus", help="GPU pool on this host, e.g. 0,1")
+    worker.set_defaults(func=_cmd_run)
     report = sub.add_parser("report", help="rebuild trials.parquet, summary.md and curves.png from the storage")
     report.add_argument("study_dir", help="results/<study>")
     report.add_argument("--storage", help="storage URL when the study is not in the folder's study.db")

@@ -229,8 +229,8 @@ class SweepConfig(_Strict):
     @field_validator("storage")
     @classmethod
     def _storage_url(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^(sqlite|postgresql|postgresql\+\w+|mysql|mysql\+\w+)://", v):
-            raise ValueError("expected an RDB URL such as sqlite:///path.db or postgresql://host/db")
+        if v is not None and not re.match(r"^((sqlite|postgresql|postgresql\+\w+|mysql|mysql\+\w+)://|journal:.)", v):
+            raise ValueError("expected sqlite:///path.db, postgresql://user@host/db or journal:///shared/path.log")
         return v
 
     @model_validator(mode="after")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from harness.config import SweepConfig
 from harness.launcher import TrialOutcome, TrialProcess, default_start_method, run_prepare, start_fork_server
-from harness.study import counted_trials, create_study, default_storage, finished_count, redact, suggest
+from harness.study import (counted_trials, create_study, default_storage, finished_count, redact, study_lock,
+                           suggest)
 
 STATES = {
     "complete": optuna.trial.TrialState.COMPLETE,
@@ -73,33 +76,30 @@ def _promote_best(study: optuna.Study, study_dir: Path, number: int) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _next_trial(study: optuna.Study, cfg: SweepConfig, console: Console) -> optuna.Trial | None:
+WAIT = "wait"
+
+
+def _next_trial(study: optuna.Study, cfg: SweepConfig) -> optuna.Trial | str | None:
     """A retry waiting to run, else a new trial while the study's total allows; None when done.
 
-    With the total reached but trials still RUNNING (another worker's, or a dead driver's that has
-    not gone stale yet), wait: a stale one is failed and queued again as a retry.
+    ``WAIT`` when the total is reached but trials are still RUNNING (another worker's, or a dead
+    driver's that has not gone stale yet: once stale it is failed and queued again as a retry).
     """
-    told = False
-    while True:
-        fail_stale_trials(study)
-        trials = study.get_trials(deepcopy=False)
-        if any(t.state == optuna.trial.TrialState.WAITING for t in trials):
-            return study.ask()
-        sampler = study.sampler
-        if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study):
-            return None
-        if counted_trials(study) < cfg.n_trials:
-            return study.ask()
-        if not any(t.state == optuna.trial.TrialState.RUNNING for t in trials):
-            return None
-        if not told:
-            console.print("waiting for running trials to end (or, if their driver died, to go stale and be retried)")
-            told = True
-        time.sleep(cfg.fault_tolerance.heartbeat_s)
+    fail_stale_trials(study)
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == optuna.trial.TrialState.WAITING for t in trials):
+        return study.ask()
+    sampler = study.sampler
+    if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study):
+        return None
+    if counted_trials(study) < cfg.n_trials:
+        return study.ask()
+    return WAIT if any(t.state == optuna.trial.TrialState.RUNNING for t in trials) else None
 
 
 def _record(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, cfg: SweepConfig) -> None:
     """Tell Optuna how the trial ended, with the reason and outcome kept on the trial."""
+    trial.set_user_attr("driver", f"{socket.gethostname()}:{os.getpid()}")
     if outcome.reason:
         trial.set_user_attr("fail_reason", outcome.reason[-4000:])
     if outcome.state == "fail":
@@ -130,17 +130,20 @@ def _tell(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, direc
 
 
 class Display:
-    """Live progress: trials done of total with the best so far, and the current trial's steps."""
+    """Live progress: trials done of total with the best so far, and each running trial's steps
+    (one line per slot: a GPU of the pool, or the single slot)."""
 
-    def __init__(self, console: Console, total: int, done: int):
+    def __init__(self, console: Console, total: int, done: int, slots: list[str]):
         self.console = console
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             console=console, transient=False,
         )
         self.trials = self.progress.add_task("trials", total=total, completed=done)
-        self.steps = self.progress.add_task("", total=1, visible=False)
+        self.steps = {slot: self.progress.add_task("", total=1, visible=False) for slot in slots}
+        self.tag = {slot: (escape(f"[gpu {slot}] ") if len(slots) > 1 else "") for slot in slots}
         self.best: str = "-"
+        self.lock = threading.Lock()
 
     def __enter__(self) -> "Display":
         self.progress.__enter__()
@@ -149,47 +152,55 @@ class Display:
     def __exit__(self, *exc) -> None:
         self.progress.__exit__(*exc)
 
-    def start_trial(self, number: int, params: dict[str, Any]) -> None:
-        self.console.print(f"[bold]trial {number}[/] {_fmt_params(params)}")
-        self.progress.update(self.steps, description=f"  trial {number}: starting", completed=0, total=1, visible=True)
+    def start_trial(self, slot: str, number: int, params: dict[str, Any]) -> None:
+        self.console.print(f"{self.tag[slot]}[bold]trial {number}[/] {_fmt_params(params)}")
+        self.progress.update(self.steps[slot], description=f"  {self.tag[slot]}trial {number}: starting",
+                             completed=0, total=1, visible=True)
 
-    def on_event(self, number: int, ev: dict) -> None:
-        kind = ev.get("event")
+    def on_event(self, slot: str, number: int, ev: dict) -> None:
+        kind, task, tag = ev.get("event"), self.steps[slot], self.tag[slot]
         if kind == "phase":
-            self.progress.update(self.steps, description=f"  trial {number}: {ev['phase']}")
+            self.progress.update(task, description=f"  {tag}trial {number}: {ev['phase']}")
         elif kind == "step":
-            self.progress.update(self.steps, completed=ev["step"], total=ev["total"],
-                                 description=f"  trial {number}: step loss {ev['loss']:.3f}")
+            self.progress.update(task, completed=ev["step"], total=ev["total"],
+                                 description=f"  {tag}trial {number}: step loss {ev['loss']:.3f}")
         elif kind == "eval":
-            self.console.print(f"  step {ev['step']:>4}  val_loss {ev['val_loss']:.4f}" + ("  → prune" if ev["prune"] else ""))
+            self.console.print(f"  {tag}trial {number} step {ev['step']:>4}  val_loss {ev['val_loss']:.4f}"
+                               + ("  → prune" if ev["prune"] else ""))
 
-    def end_trial(self, number: int, outcome: TrialOutcome, study: optuna.Study) -> None:
-        m = outcome.metrics
+    def end_trial(self, slot: str, number: int, outcome: TrialOutcome, study: optuna.Study) -> None:
+        m, tag = outcome.metrics, self.tag[slot]
         if outcome.state == "fail":
             first = (outcome.reason or "").splitlines()[0] if outcome.reason else ""
-            self.console.print(f"  [red]trial {number} failed[/]: {escape(first)}")
+            self.console.print(f"  {tag}[red]trial {number} failed[/]: {escape(first)}")
         elif outcome.state == "oom":
-            self.console.print(f"  trial {number} [yellow]infeasible[/]: out of memory at "
+            self.console.print(f"  {tag}trial {number} [yellow]infeasible[/]: out of memory at "
                                f"{m.get('mem_at_failure_mib', 0):,.0f} MiB (peak {m.get('peak_mem_mib', 0):,.0f} MiB)")
         else:
             tps = m.get("tokens_per_s")
             self.console.print(
-                f"  trial {number} [green]{outcome.state}[/] val_loss {outcome.value:.4f}  "
+                f"  {tag}trial {number} [green]{outcome.state}[/] val_loss {outcome.value:.4f}  "
                 f"{tps or 0:,.0f} tok/s  peak {m.get('peak_mem_mib', 0):,.0f} MiB  train {m.get('train_s', 0):.1f}s"
                 + ("  [yellow]over the memory budget: infeasible[/]" if m.get("outcome") == "over_budget" else "")
             )
-        try:
-            self.best = f"{study.best_value:.4f} (trial {study.best_trial.number})"
-        except ValueError:
-            pass
-        self.progress.update(self.steps, visible=False)
-        self.progress.update(self.trials, advance=1, description=f"trials  best val_loss {self.best}")
+        with self.lock:
+            try:
+                self.best = f"{study.best_value:.4f} (trial {study.best_trial.number})"
+            except ValueError:
+                pass
+            self.progress.update(self.steps[slot], visible=False)
+            self.progress.update(self.trials, advance=1, description=f"trials  best val_loss {self.best}")
 
 
 def run_sweep(
     cfg: SweepConfig, sweep_dir: Path, results_dir: Path, console: Console | None = None,
+    gpus: list[int] | None = None, worker: bool = False,
 ) -> SweepRun:
-    """Run the study until it holds ``cfg.n_trials`` finished trials (or ``cfg.timeout`` passes)."""
+    """Run the study until it holds ``cfg.n_trials`` trials (or ``cfg.timeout`` passes).
+
+    With ``gpus``, one trial runs on each listed GPU at once. Several drivers (``harness worker``)
+    may share one study through its storage; ``n_trials`` holds across all of them.
+    """
     console = console or Console()
     study_dir = (results_dir / cfg.study).resolve()
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -198,7 +209,9 @@ def run_sweep(
     _write_json(study_dir / "sweep.json", cfg.model_dump(mode="json", exclude={"storage"}))
     _write_json(study_dir / "study.json", {"study": cfg.study, "storage": redact(storage_url)})
 
-    study = create_study(cfg, storage_url)
+    # Workers share a study: each samples with its own seed (its process id mixed in), so two
+    # workers started alike do not propose the same parameters.
+    study = create_study(cfg, storage_url, sampler_seed=cfg.seed * 100_003 + os.getpid() if worker else None)
     fail_stale_trials(study)
     done = finished_count(study)
     console.print(f"study [bold]{cfg.study}[/]: {done} of {cfg.n_trials} trials finished; storage {redact(storage_url)}")
@@ -224,32 +237,62 @@ def run_sweep(
         with console.status("starting the trial fork server (imports unsloth once per study)"):
             seconds = start_fork_server(study_dir / "forkserver.log")
         console.print(f"trial processes fork from a server that imported the training stack in {seconds:.1f}s")
-    ran = 0
-    with Display(console, cfg.n_trials, done) as display:
-        while True:
+    slots = [str(g) for g in gpus] if gpus else ["0"]
+    counter = {"ran": 0}
+    next_lock = threading.Lock()
+    stop, waiting = threading.Event(), threading.Event()
+
+    def slot_loop(slot: str, display: Display) -> None:
+        # GPU pool: each slot runs one trial at a time on its GPU (CUDA_VISIBLE_DEVICES).
+        extra_env = {"CUDA_VISIBLE_DEVICES": slot} if gpus else {}
+        while not stop.is_set():
             if deadline is not None and time.monotonic() >= deadline:
                 console.print("timeout reached: no new trials are started")
-                break
-            trial = _next_trial(study, cfg, console)
+                return
+            with next_lock, study_lock(storage_url):  # count-then-ask is atomic across threads, workers, hosts
+                trial = _next_trial(study, cfg)
+                params = suggest(trial, cfg) if isinstance(trial, optuna.Trial) else None
             if trial is None:
-                break
-            params = suggest(trial, cfg)
-            display.start_trial(trial.number, params)
+                return
+            if trial == WAIT:
+                if not waiting.is_set():
+                    waiting.set()
+                    console.print("waiting for running trials to end (a dead driver's go stale and are retried)")
+                time.sleep(cfg.fault_tolerance.heartbeat_s)
+                continue
+            display.start_trial(slot, trial.number, params)
             process = TrialProcess(study_dir, trial.number, storage_url, start_method,
-                                   hang_timeout_s=cfg.budget.hang_timeout_s)
-            try:
-                # The heartbeat says "this trial's driver is alive"; if it stops, another driver
-                # (or this one, restarted) fails the trial after the grace period and retries it.
-                with get_heartbeat_thread(trial._trial_id, study._storage):
-                    outcome = process.run(lambda ev, n=trial.number: display.on_event(n, ev))
-            except KeyboardInterrupt:
+                                   hang_timeout_s=cfg.budget.hang_timeout_s, extra_env=extra_env)
+            processes[slot] = (process, trial)
+            # The heartbeat says "this trial's driver is alive"; if it stops, another driver (or
+            # this one, restarted) fails the trial after the grace period and retries it.
+            with get_heartbeat_thread(trial._trial_id, study._storage):
+                outcome = process.run(lambda ev, n=trial.number: display.on_event(slot, n, ev))
+            processes.pop(slot, None)
+            if stop.is_set():
+                return
+            _record(study, trial, outcome, cfg)
+            _promote_best(study, study_dir, trial.number)
+            display.end_trial(slot, trial.number, outcome, study)
+            counter["ran"] += 1
+
+    processes: dict[str, tuple[TrialProcess, optuna.Trial]] = {}
+    with Display(console, cfg.n_trials, done, slots) as display:
+        threads = [threading.Thread(target=slot_loop, args=(slot, display), name=f"slot-{slot}", daemon=True)
+                   for slot in slots]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.5)
+        except KeyboardInterrupt:
+            stop.set()
+            for process, trial in list(processes.values()):
                 process.kill()
                 trial.set_user_attr("outcome", "interrupted")
                 trial.set_user_attr("fail_reason", "interrupted by the user (Ctrl-C)")
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                raise
-            _record(study, trial, outcome, cfg)
-            _promote_best(study, study_dir, trial.number)
-            display.end_trial(trial.number, outcome, study)
-            ran += 1
+            raise
+    ran = counter["ran"]
     return SweepRun(study_dir, storage_url, ran, finished_count(study))

@@ -6,7 +6,9 @@ and asks the same pruner whether to stop), so both build them from the same conf
 
 from __future__ import annotations
 
+import contextlib
 import re
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,12 +34,25 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
+def journal_path(url: str) -> str | None:
+    """``journal:///abs/path.log`` or ``journal:relative.log``: Optuna's file journal, for clusters
+    that share a filesystem but no database server."""
+    if not url.startswith("journal:"):
+        return None
+    return url.removeprefix("journal:").removeprefix("//") or None
+
+
 def make_storage(url: str, faults: FaultTolerance | None = None) -> optuna.storages.BaseStorage:
     """An RDB storage; failures become one line with the URL's password hidden.
 
     With ``faults``, the storage keeps heartbeats: a trial whose heartbeat stops is failed after
     the grace period and retried (a new WAITING trial with the same parameters).
     """
+    if (path := journal_path(url)) is not None:
+        # Journal storage keeps no heartbeats: a dead driver's trial stays RUNNING there.
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(path))
     # SQLite: trial processes write to the same file as the driver; wait for the lock instead of failing.
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     heartbeat = {} if faults is None else dict(
@@ -45,7 +60,15 @@ def make_storage(url: str, faults: FaultTolerance | None = None) -> optuna.stora
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=faults.max_retries),
     )
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **heartbeat)
+        for attempt in range(5):
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **heartbeat)
+            except Exception as err:  # noqa: BLE001
+                # Workers starting together on an empty database race to create Optuna's tables;
+                # the loser sees a duplicate-key error and simply tries again.
+                if "duplicate key" not in str(err) and "already exists" not in str(err) or attempt == 4:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
     except ImportError:
         raise HarnessError(f"storage {redact(url)}: its database driver is not installed "
                            f"(PostgreSQL: pip install 'harness[postgres]')") from None
@@ -54,14 +77,15 @@ def make_storage(url: str, faults: FaultTolerance | None = None) -> optuna.stora
         raise HarnessError(f"storage {redact(url)}: cannot open it ({redact(message)})") from None
 
 
-def make_sampler(cfg: SweepConfig) -> optuna.samplers.BaseSampler:
-    s = cfg.sampler
+def make_sampler(cfg: SweepConfig, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    """``seed`` defaults to the study seed; workers pass their own so they do not all draw alike."""
+    s, seed = cfg.sampler, cfg.seed if seed is None else seed
     if s.name == "random":
-        return optuna.samplers.RandomSampler(seed=cfg.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     if s.name == "grid":
         grid = {name: _grid_values(dim) for name, dim in cfg.search_space.searched().items()}
-        return optuna.samplers.GridSampler(grid, seed=cfg.seed)
-    return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=s.n_startup_trials)
+        return optuna.samplers.GridSampler(grid, seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.n_startup_trials)
 
 
 def make_pruner(cfg: SweepConfig) -> optuna.pruners.BasePruner:
@@ -110,10 +134,45 @@ def _typed(params: dict[str, Any]) -> dict[str, Any]:
             for k, v in params.items()}
 
 
-def create_study(cfg: SweepConfig, storage_url: str) -> optuna.Study:
+_LOCK_ENGINES: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def study_lock(url: str):
+    """Serialise "count the trials, then ask for one" across threads, workers and hosts, so
+    ``n_trials`` holds exactly: a PostgreSQL advisory lock, or a file lock beside a SQLite file or
+    a journal (the journal's folder is shared by all its hosts)."""
+    if url.startswith("postgresql"):
+        import sqlalchemy
+
+        engine = _LOCK_ENGINES.get(url) or _LOCK_ENGINES.setdefault(url, sqlalchemy.create_engine(url, pool_size=1))
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(hashtext('harness-ask'))"))
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(hashtext('harness-ask'))"))
+                conn.commit()
+        return
+    path = journal_path(url) or (url.split("///", 1)[1] if url.startswith("sqlite:///") else None)
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(path + ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def create_study(cfg: SweepConfig, storage_url: str, sampler_seed: int | None = None) -> optuna.Study:
     """The driver's handle on the study: with heartbeats, so dead drivers' trials get retried."""
     return optuna.create_study(
-        study_name=cfg.study, storage=make_storage(storage_url, cfg.fault_tolerance), sampler=make_sampler(cfg),
+        study_name=cfg.study, storage=make_storage(storage_url, cfg.fault_tolerance),
+        sampler=make_sampler(cfg, sampler_seed),
         pruner=make_pruner(cfg), direction=cfg.objective.direction, load_if_exists=True,
     )
 

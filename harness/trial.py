@@ -63,6 +63,7 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float) -
     study = load_study(cfg, os.environ["HARNESS_STORAGE_URL"])
     frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
     trial = optuna.trial.Trial(study, frozen._trial_id)
+    trial.set_user_attr("pid", os.getpid())  # which process ran it (a retry runs in another)
     params = T.TrainParams(**trial_params(frozen, cfg))
     trial_dir = study_dir / "trials" / str(number)
     trial_dir.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ BAD = [
     ("unknown pruner", with_(pruner={"name": "asha"}), "pruner.name:"),
     ("missing model", "study: s\n", "model: Field required"),
     ("n_trials <= 0", with_(n_trials=0), "n_trials: Input should be greater than 0"),
-    ("bad storage URL", with_(storage="redis://localhost"), "storage: expected an RDB URL"),
+    ("bad storage URL", with_(storage="redis://localhost"), "storage: expected sqlite:///path.db, postgresql://"),
     ("python tag", "study: s\nmodel: !!python/object/apply:os.system ['echo pwned']\n", "not valid YAML or uses a tag that is not allowed"),
     ("not a mapping", "- a\n- b\n", "expected a mapping"),
     ("non-integer batch", with_(search_space__batch_size={"choices": [2, 2.5]}), "batch_size: expected a positive integer"),

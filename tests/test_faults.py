@@ -124,9 +124,9 @@ def test_driver_killed_mid_study_resumes_without_losing_or_repeating(faulty_stud
     time.sleep(3)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    # The trial process dies with its driver (PR_SET_PDEATHSIG): no orphan trains on.
-    assert wait_for(lambda: subprocess.run(["pgrep", "-f", "multiprocessing.forkserver|harness.trial"],
-                                           capture_output=True).returncode != 0, timeout=30)
+    # The trial process dies with its driver: no orphan trains on.
+    pid = next(t for t in load(study_dir).trials if t.number == 8).user_attrs["pid"]
+    assert wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout=30), f"trial 8 (pid {pid}) outlived its driver"
     again = run(args)  # the same command, as a user would type it again
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     study = load(study_dir)
