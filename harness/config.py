@@ -204,6 +204,7 @@ class SweepConfig(_Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     start_method: Literal["auto", "fork", "spawn"] = "auto"  # auto: fork where no NVIDIA GPU is visible
+    gpus_per_trial: int = Field(default=1, ge=1)  # > 1: torchrun, one process per GPU (Gloo processes on CPU)
     model: ModelConfig
     dataset: DatasetConfig = DatasetConfig()
     max_seq_length: int = Field(default=256, gt=1)

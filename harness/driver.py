@@ -25,6 +25,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from harness.config import SweepConfig
+from harness.errors import HarnessError
 from harness.launcher import TrialOutcome, TrialProcess, default_start_method, run_prepare, start_fork_server
 from harness.study import (counted_trials, create_study, default_storage, finished_count, redact, study_lock,
                            suggest)
@@ -141,7 +142,7 @@ class Display:
         )
         self.trials = self.progress.add_task("trials", total=total, completed=done)
         self.steps = {slot: self.progress.add_task("", total=1, visible=False) for slot in slots}
-        self.tag = {slot: (escape(f"[gpu {slot}] ") if len(slots) > 1 else "") for slot in slots}
+        self.tag = {slot: (escape(f"[gpu {slot}] ") if len(slots) > 1 or "," in slot else "") for slot in slots}
         self.best: str = "-"
         self.lock = threading.Lock()
 
@@ -233,18 +234,26 @@ def run_sweep(
 
     deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
     start_method = default_start_method(cfg.device) if cfg.start_method == "auto" else cfg.start_method
+    if cfg.gpus_per_trial > 1:
+        start_method = "spawn"  # torchrun starts the trial's processes
     if start_method == "fork":
         with console.status("starting the trial fork server (imports unsloth once per study)"):
             seconds = start_fork_server(study_dir / "forkserver.log")
         console.print(f"trial processes fork from a server that imported the training stack in {seconds:.1f}s")
-    slots = [str(g) for g in gpus] if gpus else ["0"]
+    k = cfg.gpus_per_trial
+    if gpus and len(gpus) % k:
+        raise HarnessError(f"--gpus {','.join(map(str, gpus))}: {len(gpus)} GPUs do not split into groups of "
+                           f"gpus_per_trial={k}")
+    # A slot is one GPU, or a group of gpus_per_trial GPUs that one trial spans.
+    groups = [gpus[i : i + k] for i in range(0, len(gpus), k)] if gpus else ([list(range(k))] if k > 1 else [])
+    slots = [",".join(map(str, g)) for g in groups] or ["0"]
     counter = {"ran": 0}
     next_lock = threading.Lock()
     stop, waiting = threading.Event(), threading.Event()
 
     def slot_loop(slot: str, display: Display) -> None:
         # GPU pool: each slot runs one trial at a time on its GPU (CUDA_VISIBLE_DEVICES).
-        extra_env = {"CUDA_VISIBLE_DEVICES": slot} if gpus else {}
+        extra_env = {"CUDA_VISIBLE_DEVICES": slot} if groups else {}
         while not stop.is_set():
             if deadline is not None and time.monotonic() >= deadline:
                 console.print("timeout reached: no new trials are started")
@@ -262,7 +271,7 @@ def run_sweep(
                 continue
             display.start_trial(slot, trial.number, params)
             process = TrialProcess(study_dir, trial.number, storage_url, start_method,
-                                   hang_timeout_s=cfg.budget.hang_timeout_s, extra_env=extra_env)
+                                   hang_timeout_s=cfg.budget.hang_timeout_s, extra_env=extra_env, nproc=k)
             processes[slot] = (process, trial)
             # The heartbeat says "this trial's driver is alive"; if it stops, another driver (or
             # this one, restarted) fails the trial after the grace period and retries it.

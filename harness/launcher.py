@@ -168,8 +168,8 @@ class TrialProcess:
     """One trial in its own process, its progress relayed to ``on_event``."""
 
     def __init__(self, study_dir: Path, number: int, storage_url: str, start_method: str = "spawn",
-                 hang_timeout_s: float | None = None, extra_env: dict[str, str] | None = None):
-        self.study_dir, self.number, self.storage_url = study_dir, number, storage_url
+                 hang_timeout_s: float | None = None, extra_env: dict[str, str] | None = None, nproc: int = 1):
+        self.study_dir, self.number, self.storage_url, self.nproc = study_dir, number, storage_url, nproc
         self.start_method, self.hang_timeout_s = start_method, hang_timeout_s
         self.extra_env = extra_env or {}
         self.dir = study_dir / "trials" / str(number)
@@ -181,7 +181,7 @@ class TrialProcess:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "result.json").unlink(missing_ok=True)
         env = {**child_env(self.storage_url), **self.extra_env}
-        if self.start_method == "fork":
+        if self.start_method == "fork" and self.nproc == 1:
             code = self._run_forked(env, on_event)
         else:
             code = self._run_spawned(env, on_event)
@@ -228,28 +228,46 @@ class TrialProcess:
         return proc.exitcode
 
     def _run_spawned(self, env: dict[str, str], on_event: Callable[[dict], None]) -> int:
-        read_fd, write_fd = os.pipe()
-        env["HARNESS_PROGRESS_FD"] = str(write_fd)
         env["HARNESS_SPAWNED_AT"] = repr(time.time())
+        trial_cmd = ["-m", "harness.trial", str(self.study_dir), str(self.number)]
+        if self.nproc > 1:
+            # One trial on several GPUs: torchrun starts one process per GPU. It does not pass on
+            # inherited descriptors, so rank 0 writes its progress to a file the driver follows.
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}",
+                   *trial_cmd]
+            progress_file = self.dir / "progress.jsonl"
+            progress_file.write_text("")
+            env["HARNESS_PROGRESS_FILE"] = str(progress_file)
+            read_fd, pass_fds = os.open(progress_file, os.O_RDONLY), ()
+        else:
+            cmd = [sys.executable, *trial_cmd]
+            read_fd, write_fd = os.pipe()
+            env["HARNESS_PROGRESS_FD"] = str(write_fd)
+            pass_fds = (write_fd,)
         with self.log.open("w") as log_f:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "harness.trial", str(self.study_dir), str(self.number)],
-                stdout=log_f, stderr=subprocess.STDOUT, env=env, pass_fds=(write_fd,),
-            )
-        os.close(write_fd)
+            proc = subprocess.Popen(cmd, stdout=log_f, stderr=subprocess.STDOUT, env=env, pass_fds=pass_fds)
+        for fd in pass_fds:
+            os.close(fd)
         self._kill = lambda: (proc.kill(), proc.wait())
         events = os.fdopen(read_fd)
+        following_file = self.nproc > 1
         buffer: deque[dict] = deque()
 
         def wait_event(timeout: float):
             if buffer:
                 return buffer.popleft()
-            ready, _, _ = select.select([events], [], [], timeout)
-            if not ready:
-                return None
-            line = events.readline()
-            if not line:
-                return False
+            if following_file:  # a regular file: poll for appended lines
+                line = events.readline()
+                if not line:
+                    time.sleep(min(timeout, 0.5))
+                    return None
+            else:
+                ready, _, _ = select.select([events], [], [], timeout)
+                if not ready:
+                    return None
+                line = events.readline()
+                if not line:
+                    return False
             try:
                 return json.loads(line)
             except json.JSONDecodeError:

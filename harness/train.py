@@ -58,6 +58,79 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+@dataclass
+class Dist:
+    """This process's place in a multi-process trial (``gpus_per_trial`` > 1, started by torchrun).
+
+    Every rank draws the same stream of batches and trains on every ``world``-th one; gradients are
+    summed across ranks after each backward pass (one all-reduce of the LoRA gradients, flattened),
+    so the step equals one step on ``world`` times the batch. Rank 0 talks to Optuna.
+    """
+
+    rank: int = 0
+    world: int = 1
+
+    def sum(self, *values: float) -> list[float]:
+        if self.world == 1:
+            return list(values)
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def gather(self, value: float) -> list[float]:
+        if self.world == 1:
+            return [value]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
+
+    def decide(self, flag: bool) -> bool:
+        """Rank 0's decision, for everyone (to prune or not)."""
+        if self.world == 1:
+            return flag
+        import torch.distributed as dist
+
+        box = [flag]
+        dist.broadcast_object_list(box, src=0)
+        return bool(box[0])
+
+    def sum_gradients(self, params: list[torch.Tensor]) -> None:
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def _collective_device() -> str:
+    import torch.distributed as dist
+
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+
+def init_distributed(device: str) -> Dist:
+    """Join the process group torchrun set up (NCCL on GPUs, Gloo on CPU); a no-op alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
 Row = tuple[np.ndarray, "np.ndarray | None"]  # token ids, and the loss mask when only some tokens count
 
 
@@ -138,12 +211,13 @@ def load_lora_model(model_dir: str, p: TrainParams, *, max_seq_length: int, dtyp
 
 
 @torch.no_grad()
-def evaluate(model, rows: list[np.ndarray], pad_id: int, device: str) -> float:
-    """Mean token-level cross-entropy over all of ``rows`` (in a fixed order)."""
+def evaluate(model, rows: list[np.ndarray], pad_id: int, device: str, dist: Dist = Dist()) -> float:
+    """Mean token-level cross-entropy over all of ``rows`` (in a fixed order; shared out by rank)."""
     was_training = model.training
     model.eval()
     loss_sum, count = 0.0, 0
-    for i in range(0, len(rows), EVAL_BATCH_SIZE):
+    batches_ = range(0, len(rows), EVAL_BATCH_SIZE)
+    for i in list(batches_)[dist.rank :: dist.world]:
         batch = collate(rows[i : i + EVAL_BATCH_SIZE], pad_id, device)
         n = predicted_tokens(batch)
         if n == 0:
@@ -151,6 +225,7 @@ def evaluate(model, rows: list[np.ndarray], pad_id: int, device: str) -> float:
         loss_sum += float(model(**batch).loss.float()) * n
         count += n
     model.train(was_training)
+    loss_sum, count = dist.sum(loss_sum, count)
     return loss_sum / max(count, 1)
 
 
@@ -173,7 +248,7 @@ def sync(device: str) -> None:
 def train(
     model, train_rows, val_rows, p: TrainParams, *, pad_id: int, device: str, seed: int, max_seq_length: int,
     max_steps: int | None, eval_every: int, timing_warmup_steps: int,
-    on_step: Callable[[int, int, float], None], on_eval: Callable[[int, float], bool],
+    on_step: Callable[[int, int, float], None], on_eval: Callable[[int, float], bool], dist: Dist = Dist(),
 ) -> TrainResult:
     """Train with AdamW and a linear warm-up/decay; validate every ``eval_every`` steps and at the end.
 
@@ -184,7 +259,7 @@ def train(
         train_rows = pack(train_rows, max_seq_length)
     if len(train_rows) < p.batch_size:
         raise ValueError(f"the training split has {len(train_rows)} rows, fewer than one batch of {p.batch_size}")
-    steps_per_epoch = max(1, len(train_rows) // (p.batch_size * p.grad_accum))
+    steps_per_epoch = max(1, len(train_rows) // (p.batch_size * p.grad_accum * dist.world))
     total = p.epochs * steps_per_epoch if max_steps is None else min(max_steps, p.epochs * steps_per_epoch)
     warmup = int(p.warmup_ratio * total)
     trainable = [t for t in model.parameters() if t.requires_grad]
@@ -199,24 +274,28 @@ def train(
     for step in range(1, total + 1):
         sync(device)
         t0 = time.perf_counter()
-        micro = [collate(next(stream), pad_id, device) for _ in range(p.grad_accum)]
-        n_total = max(1, sum(predicted_tokens(b) for b in micro))
+        micro = [collate([next(stream) for _ in range(dist.world)][dist.rank], pad_id, device)
+                 for _ in range(p.grad_accum)]
+        n_total = max(1, dist.sum(sum(predicted_tokens(b) for b in micro))[0])
         step_loss = 0.0
         for b in micro:
-            # Weight each micro-batch by its share of tokens: the step's loss is the token mean.
+            # Weight each micro-batch by its share of the step's tokens (on all ranks): the step's
+            # loss is the token mean, whatever the batch sizes and padding.
             loss = model(**b).loss * (predicted_tokens(b) / n_total)
             loss.backward()
             step_loss += float(loss.detach())
+        step_loss = dist.sum(step_loss)[0]
         if not math.isfinite(step_loss):
             raise NonFiniteLoss(f"loss became {step_loss} at step {step}")
+        dist.sum_gradients(trainable)
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         sync(device)
         dt = time.perf_counter() - t0
-        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-        padded = sum(b["attention_mask"].numel() for b in micro)
+        tokens, padded = (int(x) for x in dist.sum(sum(int(b["attention_mask"].sum()) for b in micro),
+                                                    sum(b["attention_mask"].numel() for b in micro)))
         result.tokens_trained += tokens
         result.train_s += dt
         if step > timing_warmup_steps or total <= timing_warmup_steps:
@@ -226,13 +305,13 @@ def train(
 
         if step % eval_every == 0 or step == total:
             t0 = time.perf_counter()
-            result.val_loss = evaluate(model, val_rows, pad_id, device)
+            result.val_loss = evaluate(model, val_rows, pad_id, device, dist)
             result.eval_s += time.perf_counter() - t0
             result.tokens_per_s = timed_tokens / timed_s if timed_s else None
             result.padded_tokens_per_s = timed_padded / timed_s if timed_s else None
             result.history.append({"step": step, "train_loss": step_loss, "val_loss": result.val_loss,
                                    "tokens_per_s": result.tokens_per_s})
-            if on_eval(step, result.val_loss) and step < total:
+            if dist.decide(on_eval(step, result.val_loss)) and step < total:
                 result.stopped_early = True
                 break
     return result

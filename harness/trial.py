@@ -26,10 +26,11 @@ Send = Callable[..., None]  # send(event, **fields): progress to the driver
 
 
 class FdProgress:
-    """JSON lines to the driver through an inherited file descriptor; silent without one."""
+    """JSON lines to the driver through an inherited file descriptor or an append-only file
+    (``HARNESS_PROGRESS_FILE``, under torchrun); silent without either."""
 
-    def __init__(self, fd: str | None) -> None:
-        self.out = os.fdopen(int(fd), "w", buffering=1) if fd else None
+    def __init__(self, fd: str | None, path: str | None = None) -> None:
+        self.out = os.fdopen(int(fd), "w", buffering=1) if fd else open(path, "a", buffering=1) if path else None
 
     def __call__(self, event: str, **fields: Any) -> None:
         if self.out is not None:
@@ -62,14 +63,20 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float) -
     prepared = Prepared.load(study_dir / "prepared.json")
     study = load_study(cfg, os.environ["HARNESS_STORAGE_URL"])
     frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
-    trial = optuna.trial.Trial(study, frozen._trial_id)
-    trial.set_user_attr("pid", os.getpid())  # which process ran it (a retry runs in another)
     params = T.TrainParams(**trial_params(frozen, cfg))
     trial_dir = study_dir / "trials" / str(number)
     trial_dir.mkdir(parents=True, exist_ok=True)
 
     device = T.resolve_device(cfg.device)
     dtype = T.resolve_dtype(cfg.model.dtype, device)
+    dist = T.init_distributed(device)  # gpus_per_trial > 1: one process per GPU, rank 0 leads
+    lead = dist.rank == 0
+    # Only the lead rank talks to Optuna, W&B and the driver; the others train their share.
+    trial = optuna.trial.Trial(study, frozen._trial_id) if lead else None
+    if lead:
+        trial.set_user_attr("pid", os.getpid())  # which process ran it (a retry runs in another)
+    else:
+        progress = lambda *a, **k: None  # noqa: E731
     metrics: dict[str, Any] = {
         "device": device, "gpu_name": T.torch.cuda.get_device_name() if device == "cuda" else None,
         "dtype": str(dtype).removeprefix("torch."), "import_s": round(import_s, 3),
@@ -83,7 +90,8 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float) -
             T.torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.memory_budget_mib / total))
     fault = faults.planned(number)
     tracker_config = {**vars(params), "model": cfg.model.name, "seed": cfg.seed, "max_seq_length": cfg.max_seq_length}
-    with WandbTracker(cfg.wandb, cfg.study, number, tracker_config, study_dir / "wandb") as tracker:
+    wandb_cfg = cfg.wandb if lead else cfg.wandb.model_copy(update={"mode": "disabled"})
+    with WandbTracker(wandb_cfg, cfg.study, number, tracker_config, study_dir / "wandb") as tracker:
         progress("phase", phase="loading")
         t0 = time.perf_counter()
         model = None
@@ -103,6 +111,8 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float) -
                     faults.inject(fault, model, device, tracker)
 
             def on_eval(step: int, val_loss: float) -> bool:
+                if not lead:
+                    return False  # rank 0's decision reaches every rank
                 trial.report(val_loss, step)
                 tracker.log({"val_loss": val_loss}, step=step)
                 prune = bool(trial.should_prune())
@@ -114,7 +124,7 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float) -
                 model, train_rows, val_rows, params, pad_id=pad_id, device=device, seed=cfg.seed,
                 max_seq_length=cfg.max_seq_length,
                 max_steps=cfg.budget.max_steps, eval_every=cfg.budget.eval_every,
-                timing_warmup_steps=cfg.budget.timing_warmup_steps, on_step=on_step, on_eval=on_eval,
+                timing_warmup_steps=cfg.budget.timing_warmup_steps, on_step=on_step, on_eval=on_eval, dist=dist,
             )
         except Exception as err:  # noqa: BLE001 - only out-of-memory is handled here; the rest re-raises
             if not T.is_out_of_memory(err):
@@ -124,6 +134,8 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float) -
             metrics.update(T.peak_memory(device), mem_at_failure_mib=T.memory_in_use(device),
                            oom_error=str(err).splitlines()[0][:300], outcome="oom")
             over_budget = bool(cfg.memory_budget_mib and device == "cuda")
+            if not lead:
+                raise
             trial.set_constraint("memory_budget" if over_budget else "oom", 1.0)
             for key, value in metrics.items():
                 trial.set_user_attr(key, value)
@@ -133,7 +145,10 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float) -
         for h in result.history:
             tracker.log({"train_loss": h["train_loss"], "tokens_per_s": h["tokens_per_s"]}, step=h["step"])
         metrics.update(T.peak_memory(device))
+        per_rank = dist.gather(metrics["peak_mem_mib"])
+        metrics.update(world_size=dist.world, peak_mem_mib_per_gpu=per_rank, peak_mem_mib=max(per_rank))
         metrics.update(
+            tokens_per_s_per_gpu=result.tokens_per_s and round(result.tokens_per_s / dist.world, 1),
             val_loss=result.val_loss, tokens_per_s=result.tokens_per_s and round(result.tokens_per_s, 1),
             padded_tokens_per_s=result.padded_tokens_per_s and round(result.padded_tokens_per_s, 1),
             train_s=round(result.train_s, 3), eval_s=round(result.eval_s, 3), steps=result.steps,
@@ -141,6 +156,8 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float) -
         )
         state = "pruned" if result.stopped_early else "complete"
         metrics["outcome"] = state
+        if not lead:
+            return {"state": state, "value": result.val_loss, "metrics": metrics, "rank": dist.rank}
         if cfg.memory_budget_mib and metrics["peak_mem_mib"] > cfg.memory_budget_mib:
             # On CPU the budget is checked against peak RSS once the trial is done.
             trial.set_constraint("memory_budget", metrics["peak_mem_mib"] - cfg.memory_budget_mib)
@@ -179,14 +196,18 @@ def execute(study_dir: Path, number: int, progress: Send, started_at: float) -> 
     die_with_parent()
     result_file = study_dir / "trials" / str(number) / "result.json"
     result_file.parent.mkdir(parents=True, exist_ok=True)
+    rank = int(os.environ.get("RANK", "0"))
     try:
         result = run_trial(study_dir, number, progress, started_at)
     except Exception as err:  # noqa: BLE001 - the reason goes to the driver, which marks the trial FAIL
         traceback.print_exc()
+        if rank != 0:
+            return 1
         kind = "nonfinite_loss" if type(err).__name__ == "NonFiniteLoss" else type(err).__name__
         write_json(result_file, {"state": "fail", "reason": f"{kind}: {err}"})
         return 1
-    write_json(result_file, result)
+    if rank == 0:
+        write_json(result_file, result)
     return 0
 
 
@@ -194,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry for a spawned trial process (``python -m harness.trial STUDY_DIR N``)."""
     study_dir, number = (argv or sys.argv[1:])[:2]
     started_at = float(os.environ.get("HARNESS_SPAWNED_AT", time.time()))
-    return execute(Path(study_dir), int(number), FdProgress(os.environ.get("HARNESS_PROGRESS_FD")), started_at)
+    progress = FdProgress(os.environ.get("HARNESS_PROGRESS_FD"), os.environ.get("HARNESS_PROGRESS_FILE"))
+    return execute(Path(study_dir), int(number), progress, started_at)
 
 
 if __name__ == "__main__":

@@ -93,3 +93,21 @@ def test_gpu_pool_runs_one_trial_per_slot_at_once(tmp_path, harness_cache):
         at_once = sum(1 for s, e in spans if s <= t.datetime_start < e)
         assert at_once <= 2
     assert "[gpu 0]" in proc.stdout and "[gpu 1]" in proc.stdout
+
+
+def test_one_trial_across_two_processes(tmp_path, harness_cache):
+    """gpus_per_trial: 2 under torchrun (Gloo on CPU): one trial, two ranks, gradients summed."""
+    sweep = dict(SWEEP, study="ddp", n_trials=1, gpus_per_trial=2,
+                 search_space={"batch_size": 2, "learning_rate": 5e-3, "lora_r": 4},
+                 pruner={"name": "none"}, budget={"max_steps": 6, "eval_every": 3})
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))
+    proc = run_cli("run", str(tmp_path / "s.yaml"), "--results-dir", str(tmp_path / "r"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    t = optuna.load_study(study_name="ddp", storage=f"sqlite:///{tmp_path / 'r' / 'ddp' / 'study.db'}").trials[0]
+    assert t.state == optuna.trial.TrialState.COMPLETE, t.user_attrs
+    a = t.user_attrs
+    assert a["world_size"] == 2 and len(a["peak_mem_mib_per_gpu"]) == 2
+    assert a["tokens_per_s_per_gpu"] == pytest.approx(a["tokens_per_s"] / 2, rel=1e-3)
+    steps = sorted(t.intermediate_values)
+    assert t.intermediate_values[steps[-1]] < t.intermediate_values[steps[0]]
+    assert (tmp_path / "r" / "ddp" / "best" / "adapter_config.json").exists()  # rank 0 saved it
