@@ -208,6 +208,10 @@ def execute(study_dir: Path, number: int, progress: Send, started_at: float) -> 
         return 1
     if rank == 0:
         write_json(result_file, result)
+    import torch.distributed
+
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0
 
 
