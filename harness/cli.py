@@ -121,20 +121,17 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description="Optuna sweeps of Unsloth LoRA fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run (or continue) the sweep a YAML file describes")
-    run.add_argument("sweep", help="sweep file, e.g. sweeps/demo.yaml")
-    run.add_argument("--n-trials", type=int, help="the study's total number of trials (overrides the file)")
-    run.add_argument("--results-dir", default="results", help="where studies land (default: results)")
-    run.add_argument("--storage", help="Optuna storage URL (overrides the file; default SQLite in the study folder)")
-    run.add_argument("--gpus", help="GPU pool, e.g. 0,1,2,3: one trial per GPU at once")
-    run.set_defaults(func=_cmd_run)
-    worker = sub.add_parser("worker", help="join a shared study (PostgreSQL or a journal file) and run its trials")
-    worker.add_argument("sweep")
-    worker.add_argument("--storage", help="the shared storage URL (or storage: in the sweep file)")
-    worker.add_argument("--n-trials", type=int, help="the study's total number of trials, across all workers")
-    worker.add_argument("--results-dir", default="results")
-    worker.add_argument("--gpus", help="GPU pool on this host, e.g. 0,1")
-    worker.set_defaults(func=_cmd_run)
+    # `worker` is `run` joined to a shared study: the same options, the storage required.
+    for name, help_ in (("run", "run (or continue) the sweep a YAML file describes"),
+                        ("worker", "join a shared study (PostgreSQL or a journal file) and run its trials")):
+        cmd = sub.add_parser(name, help=help_)
+        cmd.add_argument("sweep", help="sweep file, e.g. sweeps/demo.yaml")
+        cmd.add_argument("--n-trials", type=int, help="the study's total number of trials, across all workers")
+        cmd.add_argument("--results-dir", default="results", help="where studies land (default: results)")
+        cmd.add_argument("--storage", help="Optuna storage URL (overrides the file; default SQLite in the study "
+                                           "folder, which a worker cannot share)")
+        cmd.add_argument("--gpus", help="GPU pool on this host, e.g. 0,1,2,3: one trial per GPU at once")
+        cmd.set_defaults(func=_cmd_run)
     report = sub.add_parser("report", help="rebuild trials.parquet, summary.md and curves.png from the storage")
     report.add_argument("study_dir", help="results/<study>")
     report.add_argument("--storage", help="storage URL when the study is not in the folder's study.db")
