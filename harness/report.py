@@ -128,16 +128,21 @@ def plot_curves(study: optuna.Study, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"COMPLETE": "tab:green", "PRUNED": "tab:orange", "FAIL": "tab:red", "RUNNING": "tab:gray"}
+    colors = {"COMPLETE": "tab:green", "PRUNED": "tab:orange", "INFEASIBLE": "tab:purple", "FAIL": "tab:red",
+              "RUNNING": "tab:gray"}
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for t in study.get_trials(deepcopy=False):
         if not t.intermediate_values:
             continue
         steps, losses = zip(*sorted(t.intermediate_values.items()))
-        ax.plot(steps, losses, marker="o", ms=3, color=colors.get(t.state.name, "black"), alpha=0.8)
+        kind = "INFEASIBLE" if any(v > 0 for v in t.constraints.values()) else t.state.name
+        ax.plot(steps, losses, marker="o", ms=3, color=colors.get(kind, "black"), alpha=0.8)
         ax.annotate(str(t.number), (steps[-1], losses[-1]), fontsize=7, xytext=(3, 0), textcoords="offset points")
+    shown = {"INFEASIBLE" if any(v > 0 for v in t.constraints.values()) else t.state.name
+             for t in study.get_trials(deepcopy=False) if t.intermediate_values}
     for state, c in colors.items():
-        ax.plot([], [], color=c, label=state.lower())
+        if state in shown:
+            ax.plot([], [], color=c, label=state.lower())
     ax.set(xlabel="optimizer step", ylabel="validation loss", title=f"{study.study_name}: validation loss by trial")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
