@@ -276,12 +276,13 @@ def train(
         t0 = time.perf_counter()
         micro = [collate([next(stream) for _ in range(dist.world)][dist.rank], pad_id, device)
                  for _ in range(p.grad_accum)]
-        n_total = max(1, dist.sum(sum(predicted_tokens(b) for b in micro))[0])
+        counts = [predicted_tokens(b) for b in micro]
+        n_total = max(1, dist.sum(sum(counts))[0])
         step_loss = 0.0
-        for b in micro:
+        for b, n in zip(micro, counts):
             # Weight each micro-batch by its share of the step's tokens (on all ranks): the step's
             # loss is the token mean, whatever the batch sizes and padding.
-            loss = model(**b).loss * (predicted_tokens(b) / n_total)
+            loss = model(**b).loss * (n / n_total)
             loss.backward()
             step_loss += float(loss.detach())
         step_loss = dist.sum(step_loss)[0]
