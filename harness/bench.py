@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from harness.config import ModelConfig, _one_line
 from harness.errors import HarnessError, SweepFileError
+from harness.files import write_json_atomic
 
 HIGHER_IS_BETTER = {"tokens_per_s": True, "mfu": True, "step_s": False, "peak_reserved_mib": False,
                     "peak_alloc_mib": False, "peak_rss_mib": False}
@@ -174,9 +175,7 @@ def run_bench(cfg: BenchConfig, out_dir: Path, backends: list[str] | None = None
         results[key] = {"point": point, "backend": backend, **summarize(runs), "runs": runs}
     doc = {"name": cfg.name, "model": cfg.model.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
            "fingerprint": fingerprint(), "config": cfg.model_dump(mode="json"), "results": results}
-    tmp = out_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, out_dir / "results.json")
+    write_json_atomic(out_dir / "results.json", doc)
     return doc
 
 

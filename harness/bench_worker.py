@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from harness.files import write_json_atomic
+
 SPAWNED_AT = float(os.environ.get("HARNESS_SPAWNED_AT", time.time()))
 
 # Peak dense bf16 tensor throughput, FLOP/s, by a substring of the device name (vendor data sheets).
@@ -112,9 +114,7 @@ def run(spec: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     spec_path, out_path = (argv or sys.argv[1:])[:2]
     result = run(json.loads(Path(spec_path).read_text()))
-    tmp = Path(out_path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out_path)
+    write_json_atomic(out_path, result)
     return 0
 
 

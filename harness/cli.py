@@ -6,7 +6,6 @@ Errors a user can fix are printed as one line (``error: ...``) with exit code 2;
 from __future__ import annotations
 
 import argparse
-import json
 import importlib.util
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from harness.errors import HarnessError
+from harness.files import write_json_atomic, write_text_atomic
 
 
 def _cmd_run(args: argparse.Namespace, console: Console) -> int:
@@ -101,14 +101,14 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
     comparison, warnings = (None, [])
     if args.baseline:
         comparison, warnings = bench.check(doc, Path(args.baseline), cfg.regression)
-        (out_dir / "junit.xml").write_text(bench.junit(doc, comparison))
+        write_text_atomic(out_dir / "junit.xml", bench.junit(doc, comparison))
     report = bench.markdown(doc, comparison, warnings)
-    (out_dir / "report.md").write_text(report)
+    write_text_atomic(out_dir / "report.md", report)
     console.print(report, markup=False, highlight=False)
     for w in warnings:
         console.print(f"[yellow]warning:[/] {escape(w)}")
     if args.save_baseline:
-        Path(args.save_baseline).write_text(json.dumps(doc, indent=2))
+        write_json_atomic(args.save_baseline, doc)
         console.print(f"baseline written to {args.save_baseline}")
     console.print(f"results: {out_dir / 'results.json'}, {out_dir / 'report.md'}")
     regressed = [c for c in comparison or [] if c["verdict"] in ("regressed", "missing")]

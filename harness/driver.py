@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from harness.config import SweepConfig
 from harness.errors import HarnessError
+from harness.files import write_json_atomic
 from harness.launcher import TrialOutcome, TrialProcess, default_start_method, run_prepare, start_fork_server
 from harness.study import (counted_trials, create_study, default_storage, finished_count, redact, study_lock,
                            suggest)
@@ -43,12 +44,6 @@ class SweepRun:
     storage_url: str
     ran: int
     finished: int
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def _fmt_params(params: dict[str, Any]) -> str:
@@ -70,7 +65,7 @@ def _promote_best(study: optuna.Study, study_dir: Path, number: int) -> None:
     best, old = study_dir / "best", study_dir / "best.old"
     shutil.rmtree(old, ignore_errors=True)
     t = study.best_trial
-    _write_json(adapter / "trial.json", {"number": t.number, "val_loss": t.value, "params": t.params})
+    write_json_atomic(adapter / "trial.json", {"number": t.number, "val_loss": t.value, "params": t.params})
     if best.exists():
         os.replace(best, old)
     os.replace(adapter, best)
@@ -207,8 +202,8 @@ def run_sweep(
     study_dir.mkdir(parents=True, exist_ok=True)
     storage_url = cfg.storage or default_storage(study_dir)
     # The storage URL may hold a password: it goes to trial processes by environment only.
-    _write_json(study_dir / "sweep.json", cfg.model_dump(mode="json", exclude={"storage"}))
-    _write_json(study_dir / "study.json", {"study": cfg.study, "storage": redact(storage_url)})
+    write_json_atomic(study_dir / "sweep.json", cfg.model_dump(mode="json", exclude={"storage"}))
+    write_json_atomic(study_dir / "study.json", {"study": cfg.study, "storage": redact(storage_url)})
 
     # Workers share a study: each samples with its own seed (its process id mixed in), so two
     # workers started alike do not propose the same parameters.

@@ -24,6 +24,7 @@ import numpy as np
 from harness import data, formats
 from harness.config import Choices, Range, SweepConfig
 from harness.errors import DataError, HarnessError
+from harness.files import write_json_atomic
 from harness.presets import PRESETS, TOKENIZER_VOCAB, is_preset
 
 PREPARED_VERSION = 1
@@ -41,9 +42,7 @@ class Prepared:
     from_cache: bool
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        os.replace(tmp, path)
+        write_json_atomic(path, asdict(self))
 
     @classmethod
     def load(cls, path: Path) -> "Prepared":
@@ -252,9 +251,7 @@ def prepare(cfg: SweepConfig, sweep_dir: Path) -> Prepared:
         cache.mkdir(parents=True, exist_ok=True)
         train.save(cache / "train.npz")
         val.save(cache / "val.npz")
-        tmp = stats_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"train": train.stats, "validation": val.stats}))
-        os.replace(tmp, stats_file)
+        write_json_atomic(stats_file, {"train": train.stats, "validation": val.stats})
     stats = json.loads(stats_file.read_text())
     return Prepared(
         model_dir=model_dir, train_tokens=str(cache / "train.npz"), val_tokens=str(cache / "val.npz"),

@@ -13,6 +13,7 @@ from typing import Any
 import optuna
 import polars as pl
 
+from harness.files import write_text_atomic
 from harness.study import default_storage, make_storage, superseded
 
 METRICS = ["val_loss", "tokens_per_s", "padded_tokens_per_s", "peak_mem_mib", "peak_alloc_mib", "peak_reserved_mib", "train_s",
@@ -165,8 +166,6 @@ def build_report(study_dir: Path, storage_url: str | None = None) -> dict[str, P
     tmp = out["parquet"].with_suffix(".tmp.parquet")
     df.write_parquet(tmp)
     os.replace(tmp, out["parquet"])
-    tmp = out["summary"].with_suffix(".tmp.md")
-    tmp.write_text(summary_markdown(study, df))
-    os.replace(tmp, out["summary"])
+    write_text_atomic(out["summary"], summary_markdown(study, df))
     plot_curves(study, out["plot"])
     return out

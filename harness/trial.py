@@ -22,6 +22,8 @@ from typing import Any, Callable
 os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from harness.files import write_json_atomic  # noqa: E402
+
 Send = Callable[..., None]  # send(event, **fields): progress to the driver
 
 
@@ -38,12 +40,6 @@ class FdProgress:
                 self.out.write(json.dumps({"event": event, **fields}) + "\n")
             except OSError:
                 self.out = None  # the driver went away; training goes on and the result file remains
-
-
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def run_trial(study_dir: Path, number: int, progress: Send, started_at: float) -> dict[str, Any]:
@@ -204,10 +200,10 @@ def execute(study_dir: Path, number: int, progress: Send, started_at: float) -> 
         if rank != 0:
             return 1
         kind = "nonfinite_loss" if type(err).__name__ == "NonFiniteLoss" else type(err).__name__
-        write_json(result_file, {"state": "fail", "reason": f"{kind}: {err}"})
+        write_json_atomic(result_file, {"state": "fail", "reason": f"{kind}: {err}"})
         return 1
     if rank == 0:
-        write_json(result_file, result)
+        write_json_atomic(result_file, result)
     import torch.distributed
 
     if torch.distributed.is_initialized():

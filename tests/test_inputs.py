@@ -12,14 +12,14 @@ import pytest
 import yaml
 
 from conftest import PG_PASSWORD, ROOT, run_cli
-from harness.config import parse_sweep
+from harness.config import SweepConfig, parse_sweep
 from harness.errors import DataError
 from harness.prepare import prepare
 
 LINES = [f"Line {i}: now is the winter of our discontent, made glorious summer." for i in range(40)]
 
 
-def sweep(dataset: dict, **extra) -> "SweepConfig":
+def sweep(dataset: dict, **extra) -> SweepConfig:
     return parse_sweep({"study": "inputs", "model": {"name": "tiny-mistral"}, "max_seq_length": 64,
                         "search_space": {"batch_size": 2}, "dataset": {"val_fraction": 0.1, **dataset}, **extra})
 
