@@ -203,7 +203,8 @@ class SweepConfig(_Strict):
     study: str = Field(min_length=1)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    start_method: Literal["auto", "fork", "spawn"] = "auto"  # auto: fork where no NVIDIA GPU is visible
+    # auto: fork where no NVIDIA GPU is visible, standby where one is (see harness/launcher.py)
+    start_method: Literal["auto", "fork", "standby", "spawn"] = "auto"
     gpus_per_trial: int = Field(default=1, ge=1)  # > 1: torchrun, one process per GPU (Gloo processes on CPU)
     model: ModelConfig
     dataset: DatasetConfig = DatasetConfig()

@@ -27,7 +27,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from harness.config import SweepConfig
 from harness.errors import HarnessError
 from harness.files import write_json_atomic
-from harness.launcher import TrialOutcome, TrialProcess, default_start_method, run_prepare, start_fork_server
+from harness.launcher import (Standby, TrialOutcome, TrialProcess, default_start_method, run_prepare,
+                              start_fork_server)
 from harness.study import (counted_trials, create_study, default_storage, finished_count, redact, study_lock,
                            suggest)
 
@@ -215,6 +216,33 @@ def run_sweep(
                                                                               optuna.trial.TrialState.RUNNING)):
         return SweepRun(study_dir, storage_url, 0, done)
 
+    start_method = default_start_method(cfg.device) if cfg.start_method == "auto" else cfg.start_method
+    if cfg.gpus_per_trial > 1:
+        start_method = "spawn"  # torchrun starts the trial's processes
+    k = cfg.gpus_per_trial
+    if gpus and len(gpus) % k:
+        raise HarnessError(f"--gpus {','.join(map(str, gpus))}: {len(gpus)} GPUs do not split into groups of "
+                           f"gpus_per_trial={k}")
+    # A slot is one GPU, or a group of gpus_per_trial GPUs that one trial spans.
+    groups = [gpus[i : i + k] for i in range(0, len(gpus), k)] if gpus else ([list(range(k))] if k > 1 else [])
+    slots = [",".join(map(str, g)) for g in groups] or ["0"]
+    # GPU pool: each slot runs one trial at a time on its GPUs (CUDA_VISIBLE_DEVICES).
+    slot_env = {slot: ({"CUDA_VISIBLE_DEVICES": slot} if groups else {}) for slot in slots}
+    standbys: dict[str, Standby] = {}
+    try:
+        if start_method == "standby":  # their imports run while the model and data are prepared
+            for slot in slots:
+                standbys[slot] = Standby(study_dir, storage_url, slot_env[slot])
+        return _run_trials(cfg, sweep_dir, study, study_dir, storage_url, console, done, start_method, slots,
+                           slot_env, standbys)
+    finally:
+        for standby in standbys.values():
+            standby.close()
+
+
+def _run_trials(cfg: SweepConfig, sweep_dir: Path, study: optuna.Study, study_dir: Path, storage_url: str,
+                console: Console, done: int, start_method: str, slots: list[str], slot_env: dict[str, dict],
+                standbys: dict[str, "Standby"]) -> SweepRun:
     with console.status("preparing model and data (once per study)"):
         run_prepare(study_dir / "sweep.json", sweep_dir, study_dir / "prepared.json", study_dir / "prepare.log")
     prepared = json.loads((study_dir / "prepared.json").read_text())
@@ -228,27 +256,17 @@ def run_sweep(
     )
 
     deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
-    start_method = default_start_method(cfg.device) if cfg.start_method == "auto" else cfg.start_method
-    if cfg.gpus_per_trial > 1:
-        start_method = "spawn"  # torchrun starts the trial's processes
     if start_method == "fork":
         with console.status("starting the trial fork server (imports unsloth once per study)"):
             seconds = start_fork_server(study_dir / "forkserver.log")
         console.print(f"trial processes fork from a server that imported the training stack in {seconds:.1f}s")
     k = cfg.gpus_per_trial
-    if gpus and len(gpus) % k:
-        raise HarnessError(f"--gpus {','.join(map(str, gpus))}: {len(gpus)} GPUs do not split into groups of "
-                           f"gpus_per_trial={k}")
-    # A slot is one GPU, or a group of gpus_per_trial GPUs that one trial spans.
-    groups = [gpus[i : i + k] for i in range(0, len(gpus), k)] if gpus else ([list(range(k))] if k > 1 else [])
-    slots = [",".join(map(str, g)) for g in groups] or ["0"]
     counter = {"ran": 0}
     next_lock = threading.Lock()
     stop, waiting = threading.Event(), threading.Event()
 
     def slot_loop(slot: str, display: Display) -> None:
-        # GPU pool: each slot runs one trial at a time on its GPU (CUDA_VISIBLE_DEVICES).
-        extra_env = {"CUDA_VISIBLE_DEVICES": slot} if groups else {}
+        extra_env = slot_env[slot]
         while not stop.is_set():
             if deadline is not None and time.monotonic() >= deadline:
                 console.print("timeout reached: no new trials are started")
@@ -266,7 +284,11 @@ def run_sweep(
                 continue
             display.start_trial(slot, trial.number, params)
             process = TrialProcess(study_dir, trial.number, storage_url, start_method,
-                                   hang_timeout_s=cfg.budget.hang_timeout_s, extra_env=extra_env, nproc=k)
+                                   hang_timeout_s=cfg.budget.hang_timeout_s, extra_env=extra_env, nproc=k,
+                                   standby=standbys.pop(slot, None))
+            if start_method == "standby" and counted_trials(study) < cfg.n_trials:
+                # The next trial's process imports while this one trains.
+                standbys[slot] = Standby(study_dir, storage_url, extra_env)
             processes[slot] = (process, trial)
             # The heartbeat says "this trial's driver is alive"; if it stops, another driver (or
             # this one, restarted) fails the trial after the grace period and retries it.

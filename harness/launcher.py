@@ -3,13 +3,18 @@
 A process per trial means a crash, a leak or an out-of-memory error ends that trial alone, and
 every trial starts from clean memory, so its peak-memory figure is its own.
 
-Two ways to start a trial process:
+Three ways to start a trial process; each takes the import of the training stack (unsloth, torch,
+transformers: 6 s on a CPU host, 18-30 s on a GPU host) off the trial's path but the last:
 
-- **fork** (default where no NVIDIA device is visible): a fork server imports the training stack
-  (unsloth, torch, transformers) once; each trial is a fresh fork of it, so the ~6 s import is
-  paid once per study instead of once per trial.
-- **spawn** (default on GPU hosts): ``python -m harness.trial``. Importing unsloth initialises
-  CUDA, and a process that has done so cannot be forked, so each trial imports for itself.
+- **fork** (default where no NVIDIA device is visible): a fork server imports the stack once;
+  each trial is a fresh fork of it.
+- **standby** (default on GPU hosts): importing unsloth initialises CUDA (it holds a context,
+  about 0.7 GiB), and a process that has done so cannot be forked. So each slot keeps one trial
+  process started ahead of time: spawned, imports done, waiting for the driver to name its trial.
+  When it gets one, the next standby starts and imports while this trial trains. It costs the
+  GPU that idle process's CUDA context while the previous trial runs.
+- **spawn**: ``python -m harness.trial``, which imports for itself. Also what a trial spanning
+  several GPUs uses (torchrun starts its processes).
 """
 
 from __future__ import annotations
@@ -71,7 +76,7 @@ def nvidia_visible() -> bool:
 
 
 def default_start_method(device: str) -> str:
-    return "fork" if device == "cpu" or not nvidia_visible() else "spawn"
+    return "fork" if device == "cpu" or not nvidia_visible() else "standby"
 
 
 _FORK_CONTEXT: Any = None
@@ -82,7 +87,8 @@ def _fork_context() -> Any:
     global _FORK_CONTEXT
     if _FORK_CONTEXT is None:
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["harness.train", "harness.trial", "optuna"])
+        ctx.set_forkserver_preload(["harness.train", "harness.trial", "harness.trackers", "harness.study", "optuna",
+                                    "wandb"])
         _FORK_CONTEXT = ctx
     return _FORK_CONTEXT
 
@@ -164,12 +170,64 @@ def _forked_trial(study_dir: str, number: int, env: dict[str, str], log: str, co
     sys.exit(execute(Path(study_dir), number, send, started_at))
 
 
+class Standby:
+    """A trial process started before its trial exists: ``python -m harness.trial --standby``.
+
+    It spawns and imports the training stack at once, then waits for one line on its stdin (the
+    trial's number). Until then its output goes to a file of its own under ``trials/``; the trial
+    copies it to the head of its log. Closing it (no trial came) ends the process.
+    """
+
+    def __init__(self, study_dir: Path, storage_url: str, extra_env: dict[str, str] | None = None):
+        trials = study_dir / "trials"
+        trials.mkdir(parents=True, exist_ok=True)
+        self.log = trials / f"standby-{os.getpid()}-{time.monotonic_ns()}.log"
+        env = {**child_env(storage_url), **(extra_env or {}), "HARNESS_STANDBY_LOG": str(self.log)}
+        read_fd, write_fd = os.pipe()
+        env["HARNESS_PROGRESS_FD"] = str(write_fd)
+        with self.log.open("w") as log_f:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "harness.trial", "--standby", str(study_dir)], stdin=subprocess.PIPE,
+                stdout=log_f, stderr=subprocess.STDOUT, env=env, pass_fds=(write_fd,),
+            )
+        os.close(write_fd)
+        self.events_fd = read_fd
+
+    def claim(self, number: int) -> bool:
+        """Hand this process trial ``number``; False (and the process is gone) if it died waiting."""
+        try:
+            self.proc.stdin.write(f"{number} {time.time()!r}\n".encode())
+            self.proc.stdin.close()
+        except (BrokenPipeError, ValueError, OSError):
+            self.close()
+            return False
+        return True
+
+    def close(self) -> None:
+        """End a standby that got no trial (or died), and remove its log."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin,):
+            try:
+                f.close()
+            except (OSError, ValueError):
+                pass
+        try:
+            os.close(self.events_fd)
+        except OSError:
+            pass
+        self.log.unlink(missing_ok=True)
+
+
 class TrialProcess:
     """One trial in its own process, its progress relayed to ``on_event``."""
 
     def __init__(self, study_dir: Path, number: int, storage_url: str, start_method: str = "spawn",
-                 hang_timeout_s: float | None = None, extra_env: dict[str, str] | None = None, nproc: int = 1):
+                 hang_timeout_s: float | None = None, extra_env: dict[str, str] | None = None, nproc: int = 1,
+                 standby: Standby | None = None):
         self.study_dir, self.number, self.storage_url, self.nproc = study_dir, number, storage_url, nproc
+        self.standby = standby
         self.start_method, self.hang_timeout_s = start_method, hang_timeout_s
         self.extra_env = extra_env or {}
         self.dir = study_dir / "trials" / str(number)
@@ -183,7 +241,11 @@ class TrialProcess:
         env = {**child_env(self.storage_url), **self.extra_env}
         if self.start_method == "fork" and self.nproc == 1:
             code = self._run_forked(env, on_event)
-        else:
+        elif self.standby is not None and self.standby.claim(self.number):
+            proc = self.standby.proc
+            self._kill = lambda: (proc.kill(), proc.wait())
+            code = self._relay(proc, os.fdopen(self.standby.events_fd), on_event)
+        else:  # spawn, or a standby that died before its trial came: start one now
             code = self._run_spawned(env, on_event)
         return self._outcome(code)
 
@@ -249,13 +311,13 @@ class TrialProcess:
         for fd in pass_fds:
             os.close(fd)
         self._kill = lambda: (proc.kill(), proc.wait())
-        events = os.fdopen(read_fd)
-        following_file = self.nproc > 1
-        buffer: deque[dict] = deque()
+        return self._relay(proc, os.fdopen(read_fd), on_event, following_file=self.nproc > 1)
+
+    def _relay(self, proc: subprocess.Popen, events, on_event: Callable[[dict], None],
+               following_file: bool = False) -> int:
+        """Pass the process's JSON-line events on until it ends; its exit code."""
 
         def wait_event(timeout: float):
-            if buffer:
-                return buffer.popleft()
             if following_file:  # a regular file: poll for appended lines
                 line = events.readline()
                 if not line:

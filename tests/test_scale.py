@@ -78,7 +78,8 @@ def test_worker_needs_a_shared_storage(tmp_path):
 
 
 def test_gpu_pool_runs_one_trial_per_slot_at_once(tmp_path, harness_cache):
-    sweep = dict(SWEEP, study="pool", n_trials=4)
+    # start_method standby, as on a GPU host: each slot keeps its own pre-started trial process.
+    sweep = dict(SWEEP, study="pool", n_trials=4, start_method="standby")
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))
     proc = run_cli("run", str(tmp_path / "s.yaml"), "--results-dir", str(tmp_path / "r"), "--gpus", "0,1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -93,6 +94,8 @@ def test_gpu_pool_runs_one_trial_per_slot_at_once(tmp_path, harness_cache):
         at_once = sum(1 for s, e in spans if s <= t.datetime_start < e)
         assert at_once <= 2
     assert "[gpu 0]" in proc.stdout and "[gpu 1]" in proc.stdout
+    assert all(t.user_attrs["import_s"] < 0.5 for t in trials), "every trial ran in a standby process"
+    assert not list((tmp_path / "r" / "pool" / "trials").glob("standby-*"))
 
 
 def test_one_trial_across_two_processes(tmp_path, harness_cache):
