@@ -49,8 +49,8 @@ class FdProgress:
 def import_training_stack() -> None:
     """Everything a trial imports (unsloth first), then ``gc.freeze()``.
 
-    Unsloth calls ``gc.collect()`` a dozen times while loading a model; with the millions of
-    objects its import leaves behind, each took 0.3 s (4 s of a 7B load on an H100). Frozen,
+    Unsloth runs about 15 full garbage collections while loading a model; with the ~700,000
+    objects its import leaves behind, they took 5-7 s of a 7B load (``bench/RESULTS.md``). Frozen,
     those objects are no longer traversed.
     """
     from harness import train  # noqa: F401  (unsloth, then torch)
