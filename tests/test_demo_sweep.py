@@ -37,9 +37,11 @@ def test_every_trial_is_recorded_with_its_metrics(demo):
     assert {"COMPLETE", "PRUNED"} <= states and states <= {"COMPLETE", "PRUNED"}, df
     for col in ["param_batch_size", "param_grad_accum", "param_learning_rate", "param_lora_r"]:
         assert df[col].null_count() == 0, col
-    for col in ["val_loss", "tokens_per_s", "peak_mem_mib", "train_s", "load_s"]:
+    for col in ["val_loss", "tokens_per_s", "peak_mem_mib", "train_s", "load_s", "fixed_s"]:
         assert df[col].null_count() == 0, col
         assert (df[col] > 0).all(), col
+    # Forked from a server that imported once: the bound on a tiny trial's fixed cost.
+    assert (df["fixed_s"] < 3.0).all() and (df["import_s"] < 0.5).all(), df.select("fixed_s", "import_s")
     # On CPU peak memory is the trial process's peak RSS: a real process, a few hundred MiB at least.
     assert (df["peak_mem_mib"] > 200).all()
     assert set(df["device"]) == {"cpu"}
