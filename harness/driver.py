@@ -27,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from harness.config import SweepConfig
 from harness.errors import HarnessError
 from harness.files import write_json_atomic
-from harness.launcher import (Standby, TrialOutcome, TrialProcess, default_start_method, run_prepare,
+from harness.launcher import (StandbyPool, TrialOutcome, TrialProcess, default_start_method, run_prepare,
                               start_fork_server)
 from harness.study import (counted_trials, create_study, default_storage, finished_count, redact, study_lock,
                            suggest)
@@ -228,97 +228,82 @@ def run_sweep(
     slots = [",".join(map(str, g)) for g in groups] or ["0"]
     # GPU pool: each slot runs one trial at a time on its GPUs (CUDA_VISIBLE_DEVICES).
     slot_env = {slot: ({"CUDA_VISIBLE_DEVICES": slot} if groups else {}) for slot in slots}
-    standbys: dict[str, Standby] = {}
-    try:
-        if start_method == "standby":  # their imports run while the model and data are prepared
-            for slot in slots:
-                standbys[slot] = Standby(study_dir, storage_url, slot_env[slot])
-        return _run_trials(cfg, sweep_dir, study, study_dir, storage_url, console, done, start_method, slots,
-                           slot_env, standbys)
-    finally:
-        for standby in standbys.values():
-            standby.close()
+    # With start_method standby, each slot's first standby imports while the model and data are prepared.
+    with StandbyPool(study_dir, storage_url, slot_env, enabled=start_method == "standby") as standbys:
+        with console.status("preparing model and data (once per study)"):
+            run_prepare(study_dir / "sweep.json", sweep_dir, study_dir / "prepared.json", study_dir / "prepare.log")
+        prepared = json.loads((study_dir / "prepared.json").read_text())
+        train, val = prepared["stats"]["train"], prepared["stats"]["validation"]
+        study.set_user_attr("data", prepared["stats"])  # so the report can show it from the storage alone
+        console.print(
+            f"data: {train['rows']:,} train rows ({train['tokens']:,} tokens), {val['rows']:,} validation rows; "
+            f"{train['skipped_empty'] + val['skipped_empty']} empty rows skipped, "
+            f"{train['truncated_rows'] + val['truncated_rows']} truncated at {cfg.max_seq_length} tokens"
+            f"{' (tokenized data from cache)' if prepared['from_cache'] else ''}; model {prepared['model_dir']}"
+        )
 
+        deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
+        if start_method == "fork":
+            with console.status("starting the trial fork server (imports unsloth once per study)"):
+                seconds = start_fork_server(study_dir / "forkserver.log")
+            console.print(f"trial processes fork from a server that imported the training stack in {seconds:.1f}s")
+        counter = {"ran": 0}
+        next_lock = threading.Lock()
+        stop, waiting = threading.Event(), threading.Event()
 
-def _run_trials(cfg: SweepConfig, sweep_dir: Path, study: optuna.Study, study_dir: Path, storage_url: str,
-                console: Console, done: int, start_method: str, slots: list[str], slot_env: dict[str, dict],
-                standbys: dict[str, "Standby"]) -> SweepRun:
-    with console.status("preparing model and data (once per study)"):
-        run_prepare(study_dir / "sweep.json", sweep_dir, study_dir / "prepared.json", study_dir / "prepare.log")
-    prepared = json.loads((study_dir / "prepared.json").read_text())
-    train, val = prepared["stats"]["train"], prepared["stats"]["validation"]
-    study.set_user_attr("data", prepared["stats"])  # so the report can show it from the storage alone
-    console.print(
-        f"data: {train['rows']:,} train rows ({train['tokens']:,} tokens), {val['rows']:,} validation rows; "
-        f"{train['skipped_empty'] + val['skipped_empty']} empty rows skipped, "
-        f"{train['truncated_rows'] + val['truncated_rows']} truncated at {cfg.max_seq_length} tokens"
-        f"{' (tokenized data from cache)' if prepared['from_cache'] else ''}; model {prepared['model_dir']}"
-    )
+        def slot_loop(slot: str, display: Display) -> None:
+            extra_env = slot_env[slot]
+            while not stop.is_set():
+                if deadline is not None and time.monotonic() >= deadline:
+                    console.print("timeout reached: no new trials are started")
+                    return
+                with next_lock, study_lock(storage_url):  # count-then-ask is atomic across threads, workers, hosts
+                    trial = _next_trial(study, cfg)
+                    params = suggest(trial, cfg) if isinstance(trial, optuna.Trial) else None
+                if trial is None:
+                    return
+                if trial == WAIT:
+                    if not waiting.is_set():
+                        waiting.set()
+                        console.print("waiting for running trials to end (a dead driver's go stale and are retried)")
+                    time.sleep(cfg.fault_tolerance.heartbeat_s)
+                    continue
+                display.start_trial(slot, trial.number, params)
+                process = TrialProcess(study_dir, trial.number, storage_url, start_method,
+                                       hang_timeout_s=cfg.budget.hang_timeout_s, extra_env=extra_env, nproc=k,
+                                           standby=standbys.take(slot))
+                if counted_trials(study) < cfg.n_trials:
+                    standbys.refill(slot)  # the next trial's process imports while this one trains
+                processes[slot] = (process, trial)
+                # The heartbeat says "this trial's driver is alive"; if it stops, another driver (or
+                # this one, restarted) fails the trial after the grace period and retries it.
+                with get_heartbeat_thread(trial._trial_id, study._storage):
+                    outcome = process.run(lambda ev, n=trial.number: display.on_event(slot, n, ev))
+                processes.pop(slot, None)
+                if stop.is_set():
+                    return
+                _record(study, trial, outcome, cfg)
+                _promote_best(study, study_dir, trial.number)
+                display.end_trial(slot, trial.number, outcome, study)
+                counter["ran"] += 1
 
-    deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
-    if start_method == "fork":
-        with console.status("starting the trial fork server (imports unsloth once per study)"):
-            seconds = start_fork_server(study_dir / "forkserver.log")
-        console.print(f"trial processes fork from a server that imported the training stack in {seconds:.1f}s")
-    k = cfg.gpus_per_trial
-    counter = {"ran": 0}
-    next_lock = threading.Lock()
-    stop, waiting = threading.Event(), threading.Event()
-
-    def slot_loop(slot: str, display: Display) -> None:
-        extra_env = slot_env[slot]
-        while not stop.is_set():
-            if deadline is not None and time.monotonic() >= deadline:
-                console.print("timeout reached: no new trials are started")
-                return
-            with next_lock, study_lock(storage_url):  # count-then-ask is atomic across threads, workers, hosts
-                trial = _next_trial(study, cfg)
-                params = suggest(trial, cfg) if isinstance(trial, optuna.Trial) else None
-            if trial is None:
-                return
-            if trial == WAIT:
-                if not waiting.is_set():
-                    waiting.set()
-                    console.print("waiting for running trials to end (a dead driver's go stale and are retried)")
-                time.sleep(cfg.fault_tolerance.heartbeat_s)
-                continue
-            display.start_trial(slot, trial.number, params)
-            process = TrialProcess(study_dir, trial.number, storage_url, start_method,
-                                   hang_timeout_s=cfg.budget.hang_timeout_s, extra_env=extra_env, nproc=k,
-                                   standby=standbys.pop(slot, None))
-            if start_method == "standby" and counted_trials(study) < cfg.n_trials:
-                # The next trial's process imports while this one trains.
-                standbys[slot] = Standby(study_dir, storage_url, extra_env)
-            processes[slot] = (process, trial)
-            # The heartbeat says "this trial's driver is alive"; if it stops, another driver (or
-            # this one, restarted) fails the trial after the grace period and retries it.
-            with get_heartbeat_thread(trial._trial_id, study._storage):
-                outcome = process.run(lambda ev, n=trial.number: display.on_event(slot, n, ev))
-            processes.pop(slot, None)
-            if stop.is_set():
-                return
-            _record(study, trial, outcome, cfg)
-            _promote_best(study, study_dir, trial.number)
-            display.end_trial(slot, trial.number, outcome, study)
-            counter["ran"] += 1
-
-    processes: dict[str, tuple[TrialProcess, optuna.Trial]] = {}
-    with Display(console, cfg.n_trials, done, slots) as display:
-        threads = [threading.Thread(target=slot_loop, args=(slot, display), name=f"slot-{slot}", daemon=True)
-                   for slot in slots]
-        for t in threads:
-            t.start()
-        try:
+        processes: dict[str, tuple[TrialProcess, optuna.Trial]] = {}
+        with Display(console, cfg.n_trials, done, slots) as display:
+            threads = [threading.Thread(target=slot_loop, args=(slot, display), name=f"slot-{slot}", daemon=True)
+                       for slot in slots]
             for t in threads:
-                while t.is_alive():
-                    t.join(0.5)
-        except KeyboardInterrupt:
-            stop.set()
-            for process, trial in list(processes.values()):
-                process.kill()
-                trial.set_user_attr("outcome", "interrupted")
-                trial.set_user_attr("fail_reason", "interrupted by the user (Ctrl-C)")
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            raise
-    ran = counter["ran"]
-    return SweepRun(study_dir, storage_url, ran, finished_count(study))
+                t.start()
+            try:
+                for t in threads:
+                    while t.is_alive():
+                        t.join(0.5)
+            except KeyboardInterrupt:
+                stop.set()
+                for process, trial in list(processes.values()):
+                    process.kill()
+                    trial.set_user_attr("outcome", "interrupted")
+                    trial.set_user_attr("fail_reason", "interrupted by the user (Ctrl-C)")
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                raise
+        ran = counter["ran"]
+        return SweepRun(study_dir, storage_url, ran, finished_count(study))

@@ -219,6 +219,32 @@ class Standby:
         self.log.unlink(missing_ok=True)
 
 
+class StandbyPool:
+    """One waiting standby process per slot (none unless ``enabled``), each with its slot's
+    environment (``CUDA_VISIBLE_DEVICES``). Entering starts them; leaving closes those no trial took."""
+
+    def __init__(self, study_dir: Path, storage_url: str, slot_env: dict[str, dict[str, str]], enabled: bool):
+        self.study_dir, self.storage_url, self.slot_env, self.enabled = study_dir, storage_url, slot_env, enabled
+        self._waiting: dict[str, Standby] = {}  # each slot's thread touches only its own key
+
+    def __enter__(self) -> "StandbyPool":
+        for slot in self.slot_env:
+            self.refill(slot)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for standby in self._waiting.values():
+            standby.close()
+        self._waiting.clear()
+
+    def take(self, slot: str) -> Standby | None:
+        return self._waiting.pop(slot, None)
+
+    def refill(self, slot: str) -> None:
+        if self.enabled:
+            self._waiting[slot] = Standby(self.study_dir, self.storage_url, self.slot_env[slot])
+
+
 class TrialProcess:
     """One trial in its own process, its progress relayed to ``on_event``."""
 
