@@ -18,8 +18,8 @@ from harness.files import write_json_atomic, write_text_atomic
 
 
 def _cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from harness.config import load_sweep
-    from harness.driver import run_sweep
+    from harness.sweep.config import load_sweep
+    from harness.sweep.driver import run_sweep
 
     cfg = load_sweep(args.sweep)
     updates = {}
@@ -51,7 +51,7 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     if importlib.util.find_spec("polars") is None:
         console.print(f"polars is not installed here: make the tables with `harness report {study_dir}`")
         return code
-    from harness.report import build_report
+    from harness.sweep.report import build_report
 
     out = build_report(study_dir, cfg.storage)
     console.print(f"report: {out['summary']}  {out['parquet']}  {out['plot']}")
@@ -59,7 +59,7 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_report(args: argparse.Namespace, console: Console) -> int:
-    from harness.report import build_report
+    from harness.sweep.report import build_report
 
     study_dir = Path(args.study_dir)
     if not study_dir.is_dir():
@@ -76,7 +76,7 @@ def _cmd_report(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace, console: Console) -> int:
-    from harness.evaluate import adapter_val_loss
+    from harness.worker.evaluate import adapter_val_loss
 
     try:
         loss = adapter_val_loss(Path(args.study_dir), args.adapter and Path(args.adapter))
@@ -87,7 +87,7 @@ def _cmd_eval(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
-    from harness import bench
+    from harness.bench import runner as bench
 
     cfg = bench.load_bench(args.bench)
     if args.repeats:

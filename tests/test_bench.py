@@ -39,7 +39,7 @@ def test_both_backends_measured_each_in_its_own_process(bench_run):
 
 def test_same_results_against_themselves_pass(bench_run):
     out, doc, _ = bench_run
-    from harness.bench import Regression, compare
+    from harness.bench.runner import Regression, compare
 
     rows = compare(doc, json.loads((out / "base.json").read_text()), Regression())
     assert rows and all(r["verdict"] == "ok" for r in rows)

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, run_cli
-from harness.config import Choices, Range, load_sweep
+from harness.sweep.config import Choices, Range, load_sweep
 from harness.errors import SweepFileError
 
 VALID = {"study": "s", "model": {"name": "tiny-mistral"}}

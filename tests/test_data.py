@@ -3,7 +3,7 @@
 
 from pathlib import Path
 
-from harness import data
+from harness.data import sources as data
 
 PLAY = """# A Play
 

@@ -1,4 +1,4 @@
-"""The fault-injection suite: real failures (harness.faults' HARNESS_FAULTS hook, a SIGKILLed
+"""The fault-injection suite: real failures (harness.worker.faults' HARNESS_FAULTS hook, a SIGKILLed
 driver, Ctrl-C, a memory budget) against a real study. No trial may be lost.
 
 It prints its figure at the end: faults injected, faults survived, trials lost.
@@ -135,7 +135,7 @@ def test_driver_killed_mid_study_resumes_without_losing_or_repeating(faulty_stud
     ok = (trials[8].state == State.FAIL and retry.state == State.COMPLETE and retry.params == trials[8].params
           and not [t for t in trials.values() if t.state in (State.RUNNING, State.WAITING)])
     assert survived("driver SIGKILL", ok), {n: t.state for n, t in trials.items()}
-    from harness.study import counted_trials, finished_count
+    from harness.sweep.study import counted_trials, finished_count
 
     assert counted_trials(study) == finished_count(study) == 10  # n_trials holds over the whole study
     df = pl.read_parquet(study_dir / "trials.parquet")

@@ -57,7 +57,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_standby_that_died_before_its_trial_is_replaced_by_a_spawned_process(tmp_path, harness_cache):
-    from harness.launcher import Standby, TrialProcess
+    from harness.launch.launcher import Standby, TrialProcess
 
     run_cli("run", str(_sweep(tmp_path)), "--results-dir", str(tmp_path / "r"))  # a prepared study to add to
     study_dir = tmp_path / "r" / "dead"

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, create_model, field_validator,
+                      model_validator)
 
+from harness import params
 from harness.errors import SweepFileError
 
 Scalar = Union[bool, int, float, str]
@@ -65,25 +67,11 @@ Dimension = Annotated[
 ]
 
 
-class SearchSpace(_Strict):
+class _SearchSpaceBase(_Strict):
     """What a trial varies. Each entry is a fixed value, ``{choices: [...]}`` or a range."""
 
-    batch_size: Dimension = Choices(choices=[2, 4])
-    grad_accum: Dimension = 1
-    learning_rate: Dimension = Range(low=1e-4, high=1e-2, log=True)
-    lora_r: Dimension = Choices(choices=[8, 16])
-    lora_alpha: Dimension = 16
-    lora_dropout: Dimension = 0.0
-    epochs: Dimension = 1
-    weight_decay: Dimension = 0.0
-    warmup_ratio: Dimension = 0.05
-    packing: Dimension = False
-
-    _integer = {"batch_size", "grad_accum", "lora_r", "lora_alpha", "epochs"}
-    _boolean = {"packing"}
-
     @model_validator(mode="after")
-    def _typed(self) -> "SearchSpace":
+    def _typed(self) -> "_SearchSpaceBase":
         for name in type(self).model_fields:
             dim = getattr(self, name)
             values: list[Any] = (
@@ -91,13 +79,13 @@ class SearchSpace(_Strict):
                 else [dim.low, dim.high] if isinstance(dim, Range) else [dim]
             )
             for v in values:
-                if name in self._boolean:
+                if name in params.BOOLEAN:
                     if not isinstance(v, bool) or isinstance(dim, Range):
                         raise ValueError(f"{name}: expected true or false, got {v!r}")
                     continue
                 if isinstance(v, (str, bool)):
                     raise ValueError(f"{name}: expected a number, got {v!r}")
-                if name in self._integer and (float(v) != int(v) or v < 1):
+                if name in params.INTEGER and (float(v) != int(v) or v < 1):
                     raise ValueError(f"{name}: expected a positive integer, got {v!r}")
                 if name == "learning_rate" and v <= 0:
                     raise ValueError(f"learning_rate: must be > 0, got {v!r}")
@@ -109,6 +97,19 @@ class SearchSpace(_Strict):
 
     def fixed(self) -> dict[str, Any]:
         return {n: d for n in type(self).model_fields if not isinstance(d := getattr(self, n), (Choices, Range))}
+
+
+def _default_dimension(value: Any) -> Any:
+    if isinstance(value, dict):
+        return Choices(**value) if "choices" in value else Range(**value)
+    return value
+
+
+# One field per hyperparameter of harness.params.TrainParams, in its order, with its default.
+SearchSpace = create_model(
+    "SearchSpace", __base__=_SearchSpaceBase,
+    **{name: (Dimension, _default_dimension(default)) for name, default in params.DEFAULTS.items()},
+)
 
 
 class ModelConfig(_Strict):
@@ -210,7 +211,7 @@ class SweepConfig(_Strict):
     dataset: DatasetConfig = DatasetConfig()
     max_seq_length: int = Field(default=256, gt=1)
     budget: Budget = Budget()
-    search_space: SearchSpace = SearchSpace()
+    search_space: SearchSpace = SearchSpace()  # type: ignore[valid-type]
     objective: Objective = Objective()
     sampler: SamplerConfig = SamplerConfig()
     pruner: PrunerConfig = PrunerConfig()

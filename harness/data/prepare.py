@@ -1,6 +1,6 @@
 """Once per study, in its own process: resolve the model and tokenize the data.
 
-Run as ``python -m harness.prepare SWEEP.json SWEEP_DIR OUT.json``. It builds a random-init preset (the
+Run as ``python -m harness.data.prepare SWEEP.json SWEEP_DIR OUT.json``. It builds a random-init preset (the
 embedded ``tiny-mistral`` or a real architecture such as ``mistral-7b-v0.3``) into the cache if
 needed, tokenizes the train and validation texts once (cached by content, tokenizer and max
 length), and writes where everything is to ``OUT.json``. Trials only read those files.
@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import data, formats
-from harness.config import Choices, Range, SweepConfig
+from harness.data import formats, sources as data
+from harness.sweep.config import Choices, Range, SweepConfig
 from harness.errors import DataError, HarnessError
 from harness.files import write_json_atomic
-from harness.presets import PRESETS, TOKENIZER_VOCAB, is_preset
+from harness.data.presets import PRESETS, TOKENIZER_VOCAB, is_preset
 
 PREPARED_VERSION = 1
 

@@ -13,7 +13,7 @@ transformers: 6 s on a CPU host, 18-30 s on a GPU host) off the trial's path but
   process started ahead of time: spawned, imports done, waiting for the driver to name its trial.
   When it gets one, the next standby starts and imports while this trial trains. It costs the
   GPU that idle process's CUDA context while the previous trial runs.
-- **spawn**: ``python -m harness.trial``, which imports for itself. Also what a trial spanning
+- **spawn**: ``python -m harness.worker.trial``, which imports for itself. Also what a trial spanning
   several GPUs uses (torchrun starts its processes).
 """
 
@@ -62,7 +62,7 @@ def run_prepare(config_json: Path, sweep_dir: Path, out: Path, log: Path) -> Non
     """Resolve the model and tokenize the data once, in a child process (the driver never imports torch)."""
     with log.open("w") as log_f:
         code = subprocess.call(
-            [sys.executable, "-m", "harness.prepare", str(config_json), str(sweep_dir), str(out)],
+            [sys.executable, "-m", "harness.data.prepare", str(config_json), str(sweep_dir), str(out)],
             stdout=log_f, stderr=subprocess.STDOUT, env=child_env(""),
         )
     if code != 0:
@@ -87,7 +87,7 @@ def _fork_context() -> Any:
     global _FORK_CONTEXT
     if _FORK_CONTEXT is None:
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["harness.train", "harness.trial", "harness.trackers", "harness.study", "optuna",
+        ctx.set_forkserver_preload(["harness.worker.loop", "harness.worker.trial", "harness.worker.trackers", "harness.sweep.study", "optuna",
                                     "wandb"])
         _FORK_CONTEXT = ctx
     return _FORK_CONTEXT
@@ -159,7 +159,7 @@ def _forked_trial(study_dir: str, number: int, env: dict[str, str], log: str, co
     os.dup2(fd, 2)
     sys.stdout.reconfigure(line_buffering=True)
     sys.stderr.reconfigure(line_buffering=True)
-    from harness.trial import execute
+    from harness.worker.trial import execute
 
     def send(event: str, **fields: Any) -> None:
         try:
@@ -171,7 +171,7 @@ def _forked_trial(study_dir: str, number: int, env: dict[str, str], log: str, co
 
 
 class Standby:
-    """A trial process started before its trial exists: ``python -m harness.trial --standby``.
+    """A trial process started before its trial exists: ``python -m harness.worker.trial --standby``.
 
     It spawns and imports the training stack at once, then waits for one line on its stdin (the
     trial's number). Until then its output goes to a file of its own under ``trials/``; the trial
@@ -187,7 +187,7 @@ class Standby:
         env["HARNESS_PROGRESS_FD"] = str(write_fd)
         with self.log.open("w") as log_f:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "harness.trial", "--standby", str(study_dir)], stdin=subprocess.PIPE,
+                [sys.executable, "-m", "harness.worker.trial", "--standby", str(study_dir)], stdin=subprocess.PIPE,
                 stdout=log_f, stderr=subprocess.STDOUT, env=env, pass_fds=(write_fd,),
             )
         os.close(write_fd)
@@ -316,7 +316,7 @@ class TrialProcess:
 
     def _run_spawned(self, env: dict[str, str], on_event: Callable[[dict], None]) -> int:
         env["HARNESS_SPAWNED_AT"] = repr(time.time())
-        trial_cmd = ["-m", "harness.trial", str(self.study_dir), str(self.number)]
+        trial_cmd = ["-m", "harness.worker.trial", str(self.study_dir), str(self.number)]
         if self.nproc > 1:
             # One trial on several GPUs: torchrun starts one process per GPU. It does not pass on
             # inherited descriptors, so rank 0 writes its progress to a file the driver follows.

@@ -6,9 +6,6 @@ Imported only inside a trial process (it imports unsloth first, then torch).
 from __future__ import annotations
 
 import math
-import os
-import random
-import resource
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -19,25 +16,13 @@ from unsloth import FastLanguageModel
 import numpy as np
 import torch
 
-from harness import backends
+from harness.params import TrainParams
+from harness.worker import backends
+from harness.worker.batching import Row, batches, collate, load_rows, pack, predicted_tokens  # noqa: F401
+from harness.worker.distributed import Dist, init_distributed  # noqa: F401
+from harness.worker.metrics import is_out_of_memory, memory_in_use, peak_memory  # noqa: F401
 
 EVAL_BATCH_SIZE = 8  # fixed across trials so every trial's validation loss is computed alike
-
-
-@dataclass
-class TrainParams:
-    """One trial's hyperparameters (the search space's names)."""
-
-    batch_size: int
-    grad_accum: int
-    learning_rate: float
-    lora_r: int
-    lora_alpha: int
-    lora_dropout: float
-    epochs: int
-    weight_decay: float
-    warmup_ratio: float
-    packing: bool = False
 
 
 @dataclass
@@ -56,128 +41,6 @@ class TrainResult:
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-@dataclass
-class Dist:
-    """This process's place in a multi-process trial (``gpus_per_trial`` > 1, started by torchrun).
-
-    Every rank draws the same stream of batches and trains on every ``world``-th one; gradients are
-    summed across ranks after each backward pass (one all-reduce of the LoRA gradients, flattened),
-    so the step equals one step on ``world`` times the batch. Rank 0 talks to Optuna.
-    """
-
-    rank: int = 0
-    world: int = 1
-
-    def sum(self, *values: float) -> list[float]:
-        if self.world == 1:
-            return list(values)
-        import torch.distributed as dist
-
-        t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def gather(self, value: float) -> list[float]:
-        if self.world == 1:
-            return [value]
-        import torch.distributed as dist
-
-        out = [None] * self.world
-        dist.all_gather_object(out, value)
-        return out
-
-    def decide(self, flag: bool) -> bool:
-        """Rank 0's decision, for everyone (to prune or not)."""
-        if self.world == 1:
-            return flag
-        import torch.distributed as dist
-
-        box = [flag]
-        dist.broadcast_object_list(box, src=0)
-        return bool(box[0])
-
-    def sum_gradients(self, params: list[torch.Tensor]) -> None:
-        if self.world == 1:
-            return
-        import torch.distributed as dist
-
-        grads = [p.grad for p in params if p.grad is not None]
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        dist.all_reduce(flat)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-
-def _collective_device() -> str:
-    import torch.distributed as dist
-
-    return "cuda" if dist.get_backend() == "nccl" else "cpu"
-
-
-def init_distributed(device: str) -> Dist:
-    """Join the process group torchrun set up (NCCL on GPUs, Gloo on CPU); a no-op alone."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    import torch.distributed as dist
-
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size())
-
-
-Row = tuple[np.ndarray, "np.ndarray | None"]  # token ids, and the loss mask when only some tokens count
-
-
-def load_rows(path: str) -> list[Row]:
-    """Token rows saved by :mod:`harness.prepare` (flat ids + offsets, and a loss mask if any)."""
-    with np.load(path) as z:
-        tokens, offsets = z["tokens"], z["offsets"]
-        mask = z["loss_mask"] if "loss_mask" in z.files else None
-    return [(tokens[a:b], None if mask is None else mask[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
-
-
-def pack(rows: list[Row], length: int) -> list[Row]:
-    """Concatenate every row and cut the stream into sequences of exactly ``length`` tokens.
-
-    Rows keep their BOS/EOS, so documents stay delimited; attention crosses those boundaries
-    (plain packing, as TRL's default). The last, partial sequence is dropped.
-    """
-    ids = np.concatenate([r[0] for r in rows])
-    masks = None if rows[0][1] is None else np.concatenate([r[1] for r in rows])
-    n = len(ids) // length
-    return [(ids[i * length : (i + 1) * length], None if masks is None else masks[i * length : (i + 1) * length])
-            for i in range(n)]
-
-
-def collate(rows: list[Row], pad_id: int, device: str) -> dict[str, torch.Tensor]:
-    """Dynamic padding: pad to the longest row of this batch, padded positions masked out of the loss.
-
-    On CUDA the width is rounded up to a multiple of 64, so compiled kernels see a few shapes
-    instead of one per batch (each new shape costs a recompile).
-    """
-    width = max(len(r[0]) for r in rows)
-    if device == "cuda":
-        width = -(-width // 64) * 64
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    counted = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, (r, loss_mask) in enumerate(rows):
-        ids[i, : len(r)] = torch.from_numpy(r.astype(np.int64))
-        mask[i, : len(r)] = 1
-        counted[i, : len(r)] = True if loss_mask is None else torch.from_numpy(loss_mask.astype(bool))
-    labels = ids.masked_fill(~counted, -100)
-    return {k: v.to(device, non_blocking=True) for k, v in (("input_ids", ids), ("attention_mask", mask), ("labels", labels))}
-
-
-def predicted_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens the loss is averaged over: every label after the first position that is not padding."""
-    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 def resolve_device(wanted: str) -> str:
@@ -227,17 +90,6 @@ def evaluate(model, rows: list[np.ndarray], pad_id: int, device: str, dist: Dist
     model.train(was_training)
     loss_sum, count = dist.sum(loss_sum, count)
     return loss_sum / max(count, 1)
-
-
-def batches(rows: list[np.ndarray], batch_size: int, seed: int):
-    """Endless stream of micro-batches, reshuffled each epoch with a seed derived from ``seed``."""
-    epoch = 0
-    while True:
-        order = list(range(len(rows)))
-        random.Random(seed * 1000 + epoch).shuffle(order)
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield [rows[j] for j in order[i : i + batch_size]]
-        epoch += 1
 
 
 def sync(device: str) -> None:
@@ -318,28 +170,3 @@ def train(
     return result
 
 
-def is_out_of_memory(err: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's RuntimeError."""
-    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
-
-
-def memory_in_use(device: str) -> float:
-    """MiB held now: CUDA reserved memory, or this process's resident set on CPU."""
-    if device == "cuda":
-        return round(torch.cuda.memory_reserved() / 2**20, 1)
-    with open("/proc/self/statm") as f:
-        return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
-
-
-def peak_memory(device: str) -> dict[str, float]:
-    """Peak memory of this process in MiB: CUDA max allocated/reserved, or peak RSS on CPU."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    out = {"peak_rss_mib": round(rss, 1)}
-    if device == "cuda":
-        out["peak_alloc_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        out["peak_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
-        out["peak_mem_mib"] = out["peak_reserved_mib"]
-    else:
-        out["peak_mem_mib"] = out["peak_rss_mib"]
-    return out

@@ -3,7 +3,7 @@ and the embedded Shakespeare corpus.
 
 Every reader returns :class:`Record` s that remember where they came from (file and line or
 row), so a problem found later still names its place. Nothing here imports torch; tokenization
-happens once per study in :mod:`harness.prepare`.
+happens once per study in :mod:`harness.data.prepare`.
 """
 
 from __future__ import annotations

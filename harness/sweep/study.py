@@ -15,7 +15,8 @@ from typing import Any
 
 import optuna
 
-from harness.config import Choices, FaultTolerance, Range, SweepConfig
+from harness.sweep.config import Choices, FaultTolerance, Range, SweepConfig
+from harness import params
 from harness.errors import HarnessError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -104,34 +105,23 @@ def _grid_values(dim: Choices | Range) -> list[Any]:
     return [dim.low + i * dim.step for i in range(n)]
 
 
-INTEGER_PARAMS = {"batch_size", "grad_accum", "lora_r", "lora_alpha", "epochs"}
-BOOLEAN_PARAMS = {"packing"}
-
-
 def suggest(trial: optuna.Trial, cfg: SweepConfig) -> dict[str, Any]:
     """Sample every searched dimension on ``trial``; fixed values are added as they are."""
-    params: dict[str, Any] = {}
+    values: dict[str, Any] = {}
     for name, dim in cfg.search_space.searched().items():
         if isinstance(dim, Choices):
-            params[name] = trial.suggest_categorical(name, dim.choices)
-        elif name in INTEGER_PARAMS:
-            params[name] = trial.suggest_int(name, int(dim.low), int(dim.high), step=int(dim.step or 1), log=dim.log)
+            values[name] = trial.suggest_categorical(name, dim.choices)
+        elif name in params.INTEGER:
+            values[name] = trial.suggest_int(name, int(dim.low), int(dim.high), step=int(dim.step or 1), log=dim.log)
         else:
-            params[name] = trial.suggest_float(name, dim.low, dim.high, step=dim.step, log=dim.log)
-    params.update(cfg.search_space.fixed())
-    return _typed(params)
+            values[name] = trial.suggest_float(name, dim.low, dim.high, step=dim.step, log=dim.log)
+    values.update(cfg.search_space.fixed())
+    return params.typed(values)
 
 
 def trial_params(trial: optuna.trial.BaseTrial | optuna.trial.FrozenTrial, cfg: SweepConfig) -> dict[str, Any]:
     """A trial's full hyperparameters: what was sampled plus the fixed values."""
-    params = dict(cfg.search_space.fixed())
-    params.update(trial.params)
-    return _typed(params)
-
-
-def _typed(params: dict[str, Any]) -> dict[str, Any]:
-    return {k: int(v) if k in INTEGER_PARAMS else bool(v) if k in BOOLEAN_PARAMS else float(v)
-            for k, v in params.items()}
+    return params.typed({**cfg.search_space.fixed(), **trial.params})
 
 
 _LOCK_ENGINES: dict[str, Any] = {}

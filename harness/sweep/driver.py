@@ -24,12 +24,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from harness.config import SweepConfig
+from harness.sweep.config import SweepConfig
 from harness.errors import HarnessError
 from harness.files import write_json_atomic
-from harness.launcher import (StandbyPool, TrialOutcome, TrialProcess, default_start_method, run_prepare,
+from harness.launch.launcher import (StandbyPool, TrialOutcome, TrialProcess, default_start_method, run_prepare,
                               start_fork_server)
-from harness.study import (counted_trials, create_study, default_storage, finished_count, redact, study_lock,
+from harness.sweep.study import (counted_trials, create_study, default_storage, finished_count, redact, study_lock,
                            suggest)
 
 STATES = {

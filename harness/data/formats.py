@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.data import Record
+from harness.data.sources import Record
 from harness.errors import DataError
 
 Segments = list[tuple[str, bool]]

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness.config import WandbConfig
+from harness.sweep.config import WandbConfig
 
 
 def wandb_mode(cfg: WandbConfig) -> str:
@@ -39,7 +39,7 @@ class WandbTracker:
         self._injected: BaseException | None = None
 
     def fail_next(self, err: BaseException) -> None:
-        """Test hook (harness.faults): the next W&B call raises ``err``, as a full disk would."""
+        """Test hook (harness.worker.faults): the next W&B call raises ``err``, as a full disk would."""
         self._injected = err
 
     def _raise_injected(self) -> None:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness import train as T
-from harness.config import SweepConfig
-from harness.prepare import Prepared
+from harness.worker import loop as T
+from harness.sweep.config import SweepConfig
+from harness.data.prepare import Prepared
 
 
 def adapter_val_loss(study_dir: Path, adapter_dir: Path | None = None) -> float:

@@ -1,4 +1,4 @@
-"""One benchmark point in its own process: ``python -m harness.bench_worker SPEC.json OUT.json``.
+"""One benchmark point in its own process: ``python -m harness.bench.worker SPEC.json OUT.json``.
 
 For ``backend: hf`` this process never imports unsloth (Unsloth patches transformers globally,
 so a baseline must run where it was never loaded). Each step trains on a fixed batch of
@@ -46,8 +46,8 @@ def run(spec: dict) -> dict:
         import unsloth  # noqa: F401  (first: it patches transformers and peft)
     import torch
 
-    from harness import backends
-    from harness.prepare import resolve_model_name
+    from harness.worker import backends
+    from harness.data.prepare import resolve_model_name
 
     import_s = time.perf_counter() - t0
     device = "cuda" if spec["device"] in ("auto", "cuda") and torch.cuda.is_available() else "cpu"

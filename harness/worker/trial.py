@@ -1,4 +1,4 @@
-"""One trial, in its own process: ``python -m harness.trial STUDY_DIR TRIAL_NUMBER``.
+"""One trial, in its own process: ``python -m harness.worker.trial STUDY_DIR TRIAL_NUMBER``.
 
 The driver has already asked Optuna for the trial (its parameters are in the storage). This
 process loads the study from ``HARNESS_STORAGE_URL`` (an environment variable, so a password never
@@ -8,7 +8,7 @@ and writes ``trials/<n>/result.json`` for the driver, which then tells Optuna ho
 
 Progress goes as JSON lines to the file descriptor in ``HARNESS_PROGRESS_FD`` when set.
 
-``python -m harness.trial --standby STUDY_DIR`` is a trial process started before its trial: it
+``python -m harness.worker.trial --standby STUDY_DIR`` is a trial process started before its trial: it
 imports the training stack, then reads the trial's number from stdin (see ``launcher.Standby``).
 """
 
@@ -53,10 +53,12 @@ def import_training_stack() -> None:
     objects its import leaves behind, they took 5-7 s of a 7B load (``bench/RESULTS.md``). Frozen,
     those objects are no longer traversed.
     """
-    from harness import train  # noqa: F401  (unsloth, then torch)
+    from harness.worker import loop  # noqa: F401  (unsloth, then torch)
     import optuna  # noqa: F401
 
-    from harness import faults, prepare, study, trackers  # noqa: F401
+    from harness.worker import faults, trackers
+    from harness.data import prepare
+    from harness.sweep import study  # noqa: F401
 
     if os.environ.get("WANDB_MODE") != "disabled":
         try:
@@ -74,12 +76,12 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float,
     t_setup = time.perf_counter()
     import optuna
 
-    from harness import faults
-    from harness import train as T
-    from harness.config import SweepConfig
-    from harness.prepare import Prepared
-    from harness.study import load_study, trial_params
-    from harness.trackers import WandbTracker
+    from harness.worker import faults
+    from harness.worker import loop as T
+    from harness.sweep.config import SweepConfig
+    from harness.data.prepare import Prepared
+    from harness.sweep.study import load_study, trial_params
+    from harness.worker.trackers import WandbTracker
 
     cfg = SweepConfig.model_validate_json((study_dir / "sweep.json").read_text())
     prepared = Prepared.load(study_dir / "prepared.json")
@@ -274,8 +276,8 @@ def standby(study_dir: Path, progress: Send) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry for a spawned trial process (``python -m harness.trial STUDY_DIR N``) or a standby one
-    (``python -m harness.trial --standby STUDY_DIR``)."""
+    """Entry for a spawned trial process (``python -m harness.worker.trial STUDY_DIR N``) or a standby one
+    (``python -m harness.worker.trial --standby STUDY_DIR``)."""
     args = argv or sys.argv[1:]
     progress = FdProgress(os.environ.get("HARNESS_PROGRESS_FD"), os.environ.get("HARNESS_PROGRESS_FILE"))
     if args[0] == "--standby":

@@ -4,7 +4,7 @@ and a regression check against a stored baseline.
 ``harness bench BENCH.yaml [--backend unsloth,hf] [--baseline FILE] [--save-baseline FILE]``
 
 The driver side (this module) imports neither torch nor unsloth; each run is
-``python -m harness.bench_worker``. Results carry a fingerprint of the machine and software.
+``python -m harness.bench.worker``. Results carry a fingerprint of the machine and software.
 
 Regression rule (per point, backend and metric, over the repeats): with baseline median ``b``,
 current median ``c`` and noise ``n = k · 1.4826 · MAD`` (MAD pooled over both sets of repeats,
@@ -31,7 +31,7 @@ from xml.sax.saxutils import escape, quoteattr
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from harness.config import ModelConfig, _one_line
+from harness.sweep.config import ModelConfig, _one_line
 from harness.errors import HarnessError, SweepFileError
 from harness.files import write_json_atomic
 
@@ -128,7 +128,7 @@ def run_point(spec: dict[str, Any], workdir: Path, tag: str) -> dict[str, Any]:
     spec_file.write_text(json.dumps(spec))
     env = dict(os.environ, HARNESS_SPAWNED_AT=repr(time.time()), PYTHONUNBUFFERED="1")
     with log.open("w") as f:
-        code = subprocess.call([sys.executable, "-m", "harness.bench_worker", str(spec_file), str(out_file)],
+        code = subprocess.call([sys.executable, "-m", "harness.bench.worker", str(spec_file), str(out_file)],
                                stdout=f, stderr=subprocess.STDOUT, env=env)
     if out_file.exists():
         return json.loads(out_file.read_text())

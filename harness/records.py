@@ -1,0 +1,135 @@
+"""The trial record: what a trial process hands its driver.
+
+A trial process fills one :class:`TrialResult` and writes it to ``trials/<n>/result.json``; a
+launcher fills one for a process that ended without writing it (crash, hang, a process that died
+before training). The driver alone turns it into the trial's final Optuna state
+(:func:`harness.sweep.study.finish_trial`), and the report reads the same fields back from the
+storage, with each field's type, into ``trials.parquet``.
+
+Torch-free: the driver imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+State = Literal["complete", "pruned", "infeasible", "fail"]
+
+# How a trial ended (``outcome``) and the Optuna state it becomes.
+OUTCOME_STATE: dict[str, State] = {
+    "complete": "complete",
+    "pruned": "pruned",
+    "oom": "infeasible",          # out of memory: a property of the config, an Optuna constraint
+    "over_budget": "infeasible",  # over memory_budget_mib
+    "crash": "fail",              # ended without a result (signal, segfault, exit)
+    "hang": "fail",               # no progress for budget.hang_timeout_s: killed
+    "nonfinite_loss": "fail",
+    "error": "fail",              # an exception in the trial after training started
+    "infrastructure": "fail",     # the process died before training: retried, not counted
+    "interrupted": "fail",        # Ctrl-C: retried on the next run, not counted
+}
+# Failures that say nothing about the configuration: the trial is run again with the same
+# parameters and does not use up n_trials.
+RETRIED_OUTCOMES = frozenset({"infrastructure", "interrupted"})
+
+
+@dataclass
+class Metrics:
+    """A trial's measurements (see the README's metrics table). None where not measured."""
+
+    device: str | None = None
+    gpu_name: str | None = None
+    dtype: str | None = None
+    world_size: int | None = None
+    val_loss: float | None = None
+    tokens_per_s: float | None = None
+    padded_tokens_per_s: float | None = None
+    tokens_per_s_per_gpu: float | None = None
+    peak_mem_mib: float | None = None
+    peak_alloc_mib: float | None = None
+    peak_reserved_mib: float | None = None
+    peak_rss_mib: float | None = None
+    peak_mem_mib_per_gpu: list[float] | None = None
+    mem_at_failure_mib: float | None = None
+    oom_error: str | None = None
+    train_s: float | None = None
+    eval_s: float | None = None
+    steps: int | None = None
+    total_steps: int | None = None
+    tokens_trained: int | None = None
+    fixed_s: float | None = None
+    spawn_s: float | None = None
+    import_s: float | None = None
+    setup_s: float | None = None
+    load_s: float | None = None
+    preimport_s: float | None = None
+
+    def update(self, **values: Any) -> None:
+        for key, value in values.items():
+            if key not in METRIC_TYPES:
+                raise KeyError(f"no metric named {key!r}")
+            setattr(self, key, value)
+
+    def present(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass
+class TrialResult:
+    """One trial's record. ``outcome`` decides its Optuna state (``OUTCOME_STATE``)."""
+
+    number: int
+    outcome: str
+    value: float | None = None       # the objective (validation loss) when complete or pruned
+    reason: str | None = None        # why it failed or is infeasible, one line first
+    log_tail: str | None = None      # the last lines of trials/<n>/log.txt
+    start_method: str | None = None  # fork | standby | spawn | torchrun
+    seed: int | None = None
+    host: str | None = None
+    pid: int | None = None
+    reached_training: bool = False   # False: the process died before its first step
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def __post_init__(self) -> None:
+        if self.outcome not in OUTCOME_STATE:
+            raise ValueError(f"unknown outcome {self.outcome!r}; known: {', '.join(OUTCOME_STATE)}")
+        if isinstance(self.metrics, dict):
+            self.metrics = Metrics(**self.metrics)
+
+    @property
+    def state(self) -> State:
+        return OUTCOME_STATE[self.outcome]
+
+    @property
+    def retried(self) -> bool:
+        return self.outcome in RETRIED_OUTCOMES
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrialResult":
+        return cls(**json.loads(text))
+
+    def user_attrs(self) -> dict[str, Any]:
+        """What the driver stores on the Optuna trial: every field but the metrics' Nones."""
+        attrs = {k: v for k, v in dataclasses.asdict(self).items() if k != "metrics" and v is not None}
+        attrs.pop("number", None)
+        if self.reason is not None:
+            attrs["reason"] = self.reason[-4000:]
+        if self.log_tail is not None:
+            attrs["log_tail"] = self.log_tail[-4000:]
+        return {**attrs, **self.metrics.present()}
+
+
+def _types(cls: type) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+METRIC_TYPES: dict[str, Any] = _types(Metrics)
+RECORD_TYPES: dict[str, Any] = {k: v for k, v in _types(TrialResult).items() if k not in ("metrics", "number")}
