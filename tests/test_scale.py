@@ -66,7 +66,7 @@ def test_two_workers_share_a_postgresql_study(tmp_path, harness_cache, postgres_
 def test_two_workers_share_a_journal_file(tmp_path, harness_cache):
     storage = f"journal:///{tmp_path / 'shared.journal'}"
     two_workers(tmp_path, storage)
-    from harness.sweep.study import make_storage
+    from harness.sweep.storage import make_storage
 
     check_shared(optuna.load_study(study_name="shared", storage=make_storage(storage)), tmp_path)
 

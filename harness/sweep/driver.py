@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import fail_stale_trials
-from optuna.storages._heartbeat import get_heartbeat_thread
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -29,8 +27,8 @@ from harness.errors import HarnessError
 from harness.files import write_json_atomic
 from harness.launch.launcher import (StandbyPool, TrialOutcome, TrialProcess, default_start_method, run_prepare,
                               start_fork_server)
-from harness.sweep.study import (counted_trials, create_study, default_storage, finished_count, redact, study_lock,
-                           suggest)
+from harness.sweep.storage import default_storage, fail_stale, heartbeat, redact, study_lock
+from harness.sweep.study import counted_trials, create_study, finished_count, suggest
 
 STATES = {
     "complete": optuna.trial.TrialState.COMPLETE,
@@ -82,7 +80,7 @@ def _next_trial(study: optuna.Study, cfg: SweepConfig) -> optuna.Trial | str | N
     ``WAIT`` when the total is reached but trials are still RUNNING (another worker's, or a dead
     driver's that has not gone stale yet: once stale it is failed and queued again as a retry).
     """
-    fail_stale_trials(study)
+    fail_stale(study)
     trials = study.get_trials(deepcopy=False)
     if any(t.state == optuna.trial.TrialState.WAITING for t in trials):
         return study.ask()
@@ -209,7 +207,7 @@ def run_sweep(
     # Workers share a study: each samples with its own seed (its process id mixed in), so two
     # workers started alike do not propose the same parameters.
     study = create_study(cfg, storage_url, sampler_seed=cfg.seed * 100_003 + os.getpid() if worker else None)
-    fail_stale_trials(study)
+    fail_stale(study)
     done = finished_count(study)
     console.print(f"study [bold]{cfg.study}[/]: {done} of {cfg.n_trials} trials finished; storage {redact(storage_url)}")
     if done >= cfg.n_trials and not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,
@@ -277,7 +275,7 @@ def run_sweep(
                 processes[slot] = (process, trial)
                 # The heartbeat says "this trial's driver is alive"; if it stops, another driver (or
                 # this one, restarted) fails the trial after the grace period and retries it.
-                with get_heartbeat_thread(trial._trial_id, study._storage):
+                with heartbeat(study, trial):
                     outcome = process.run(lambda ev, n=trial.number: display.on_event(slot, n, ev))
                 processes.pop(slot, None)
                 if stop.is_set():

@@ -14,7 +14,8 @@ import optuna
 import polars as pl
 
 from harness.files import write_text_atomic
-from harness.sweep.study import default_storage, make_storage, superseded
+from harness.sweep.storage import default_storage, make_storage
+from harness.sweep.study import superseded
 
 METRICS = ["val_loss", "tokens_per_s", "padded_tokens_per_s", "peak_mem_mib", "peak_alloc_mib", "peak_reserved_mib", "train_s",
            "fixed_s", "spawn_s", "import_s", "setup_s", "load_s", "preimport_s", "steps", "tokens_trained"]

@@ -80,6 +80,7 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float,
     from harness.worker import loop as T
     from harness.sweep.config import SweepConfig
     from harness.data.prepare import Prepared
+    from harness.sweep.storage import trial_handle
     from harness.sweep.study import load_study, trial_params
     from harness.worker.trackers import WandbTracker
 
@@ -96,7 +97,7 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float,
     dist = T.init_distributed(device)  # gpus_per_trial > 1: one process per GPU, rank 0 leads
     lead = dist.rank == 0
     # Only the lead rank talks to Optuna, W&B and the driver; the others train their share.
-    trial = optuna.trial.Trial(study, frozen._trial_id) if lead else None
+    trial = trial_handle(study, frozen) if lead else None
     if lead:
         trial.set_user_attr("pid", os.getpid())  # which process ran it (a retry runs in another)
     else:
