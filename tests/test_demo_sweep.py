@@ -132,6 +132,6 @@ def test_a_failing_trial_is_recorded_and_the_driver_goes_on(tmp_path, harness_ca
     study_dir = tmp_path / "results" / "diverges"
     df = pl.read_parquet(study_dir / "trials.parquet")
     assert df["state"].to_list() == ["FAIL", "FAIL"]
-    assert all(r.startswith("nonfinite_loss: loss became") for r in df["fail_reason"]), df["fail_reason"]
+    assert all(r.startswith("nonfinite_loss: loss became") for r in df["reason"]), df["reason"]
     assert "## Failed trials" in (study_dir / "summary.md").read_text()
     assert not (study_dir / "best").exists()

@@ -81,7 +81,7 @@ def test_each_trial_fault_is_recorded_with_its_reason_and_the_driver_goes_on(fau
     _, study_dir, _ = faulty_study
     trials = {t.number: t for t in load(study_dir).trials}
     assert sorted(trials) == list(range(8))
-    reason = lambda n: trials[n].user_attrs.get("fail_reason", "")  # noqa: E731
+    reason = lambda n: trials[n].user_attrs.get("reason", "")  # noqa: E731
     assert survived("sigkill", trials[1].state == State.FAIL and trials[1].user_attrs["outcome"] == "crash"
                     and "killed by signal 9" in reason(1))
     assert survived("segfault", trials[2].state == State.FAIL and "killed by signal 11" in reason(2))

@@ -164,6 +164,16 @@ def test_empty_and_whitespace_rows_are_skipped_and_counted(tmp_path, harness_cac
     assert p.stats["train"]["skipped_empty"] == 3 and p.stats["train"]["rows"] == 40
 
 
+def test_empty_rows_are_skipped_before_the_validation_split(tmp_path, harness_cache):
+    # 30 blank rows, then 10 usable ones. Skipped after the split, the study seed's 4 validation
+    # rows of 40 were all blank: "no usable rows". Skipped first, 1 of the 10 validates.
+    write_csv(tmp_path / "d.csv", ["text"], [[""], ["  "], ["\t"]] * 10 + [[t] for t in LINES[:10]])
+    p = prepare(sweep({"source": "d.csv"}), tmp_path)
+    train, val = p.stats["train"], p.stats["validation"]
+    assert (train["rows"], val["rows"]) == (9, 1)
+    assert (train["skipped_empty"], val["skipped_empty"]) == (30, 0)
+
+
 def test_non_utf8_bytes_give_the_line(tmp_path, harness_cache):
     path = tmp_path / "d.csv"
     path.write_bytes(b"text\n" + "".join(f"{t}\n" for t in LINES[:6]).encode() + b"caf\xe9 au lait\n")
@@ -172,9 +182,35 @@ def test_non_utf8_bytes_give_the_line(tmp_path, harness_cache):
 
 
 def test_malformed_json_line_gives_the_line(tmp_path, harness_cache):
-    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c",}\n')
-    with pytest.raises(DataError, match=r"d.jsonl line 3: malformed JSON"):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c",}\n')
+    with pytest.raises(DataError) as err:
         prepare(sweep({"source": "d.jsonl"}), tmp_path)
+    assert str(err.value) == (f"{path} line 3: malformed JSON "
+                              f"(Expecting property name enclosed in double quotes at column 14)")
+    # json's own message ends in "at" here: said once, not "starting at at column".
+    path.write_text('{"text": "a"}\n{"text": "b}\n')
+    with pytest.raises(DataError) as err:
+        prepare(sweep({"source": "d.jsonl"}), tmp_path)
+    assert str(err.value) == f"{path} line 2: malformed JSON (Unterminated string starting at column 10)"
+
+
+def test_the_first_bad_row_in_file_order_is_the_one_named(tmp_path, harness_cache):
+    # Lines 2 and 16 are bad. Checked in the split's shuffled order, line 16 came first.
+    items = [{"text": t} for t in LINES]
+    items[1], items[15] = {"text": 2}, {"text": 16}
+    write_jsonl(tmp_path / "d.jsonl", items)
+    with pytest.raises(DataError, match=r"d.jsonl line 2: column 'text' holds int \(2\), expected text"):
+        prepare(sweep({"source": "d.jsonl"}), tmp_path)
+
+
+def test_a_bad_row_is_named_before_any_size_check(tmp_path, harness_cache):
+    # 5 rows at a 0.05 validation fraction leave no validation rows, but the bad row comes first.
+    items = [{"text": t} for t in LINES[:5]]
+    items[3] = {"text": ["a", "list"]}
+    write_jsonl(tmp_path / "d.jsonl", items)
+    with pytest.raises(DataError, match=r"d.jsonl line 4: column 'text' holds list"):
+        prepare(sweep({"source": "d.jsonl", "val_fraction": 0.05}), tmp_path)
 
 
 def test_mixed_types_in_the_text_column(tmp_path, harness_cache):
@@ -193,10 +229,27 @@ def test_rows_longer_than_max_seq_length_are_truncated_and_counted(tmp_path, har
     assert max(len(ids) for ids, _ in rows_of(p.train_tokens)) == 64
 
 
+def test_length_figures_are_before_truncation(tmp_path, tokenizer):
+    long = " ".join(["forsooth"] * 200)
+    full = len(tokenizer(long, add_special_tokens=False)["input_ids"]) + 2  # BOS and EOS
+    assert full > 64
+    write_csv(tmp_path / "d.csv", ["text"], [[t] for t in LINES] + [[long]])
+    p = prepare(sweep({"source": "d.csv", "validation": "d.csv"}), tmp_path)
+    s = p.stats["train"]
+    assert s["length_max"] == full
+    assert s["truncated_rows"] == 1 and s["truncated_share"] == pytest.approx(1 / 41, abs=1e-4)
+    # What is stored and trains is truncated, and the token count is of that.
+    stored = [len(ids) for ids, _ in rows_of(p.train_tokens)]
+    assert max(stored) == 64 and s["tokens"] == sum(stored)
+
+
 def test_validation_split_that_comes_out_empty(tmp_path, harness_cache):
     write_csv(tmp_path / "d.csv", ["text"], [[t] for t in LINES[:5]])
-    with pytest.raises(DataError, match=r"leaves no validation rows; raise dataset.val_fraction or give dataset.validation"):
+    with pytest.raises(DataError, match=r"d.csv: a validation fraction of 0.05 of 5 usable rows leaves no validation "
+                                         r"rows; raise dataset.val_fraction or give dataset.validation"):
         prepare(sweep({"source": "d.csv", "val_fraction": 0.05}), tmp_path)
+    with pytest.raises(DataError, match=r"d.csv: a validation fraction of 0.95 of 5 usable rows leaves no training"):
+        prepare(sweep({"source": "d.csv", "val_fraction": 0.95}), tmp_path)
     write_csv(tmp_path / "v.csv", ["text"], [])
     with pytest.raises(DataError, match=r"v.csv: the validation data is empty"):
         prepare(sweep({"source": "d.csv", "validation": "v.csv"}), tmp_path)
@@ -208,6 +261,14 @@ def test_dataset_smaller_than_one_batch(tmp_path, harness_cache):
                        "search_space": {"batch_size": {"choices": [2, 8]}}})
     with pytest.raises(DataError, match=r"4 training rows, fewer than one batch of 8 \(search_space.batch_size\)"):
         prepare(cfg, tmp_path)
+
+
+def test_batch_check_runs_on_a_token_cache_hit(tmp_path, harness_cache):
+    write_csv(tmp_path / "d.csv", ["text"], [[t + " (batch check)"] for t in LINES])  # content no other test uses
+    assert not prepare(sweep({"source": "d.csv"}), tmp_path).from_cache
+    bigger = sweep({"source": "d.csv"}, search_space={"batch_size": {"choices": [2, 64]}})
+    with pytest.raises(DataError, match=r"d.csv: 36 training rows, fewer than one batch of 64 \(search_space"):
+        prepare(bigger, tmp_path)
 
 
 def test_cli_data_error_is_one_line(tmp_path, harness_cache):

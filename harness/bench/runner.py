@@ -28,9 +28,11 @@ from pathlib import Path
 from typing import Any, Literal
 from xml.sax.saxutils import escape, quoteattr
 
+import pynvml
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+import harness
 from harness.sweep.config import ModelConfig, _one_line
 from harness.errors import HarnessError, SweepFileError
 from harness.files import write_json_atomic
@@ -95,32 +97,89 @@ def point_key(point: dict[str, Any], backend: str) -> str:
 
 
 def fingerprint() -> dict[str, Any]:
-    """GPU name, count and memory; driver; CUDA; library versions; harness commit. No torch import."""
-    fp: dict[str, Any] = {}
-    try:
-        rows = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
-        fp.update(gpu_name=rows[0].split(", ")[0], gpu_count=len(rows), gpu_memory=rows[0].split(", ")[1],
-                  driver=rows[0].split(", ")[2])
-    except (OSError, IndexError, subprocess.SubprocessError):
-        fp.update(gpu_name=None, gpu_count=0, gpu_memory=None, driver=None)
+    """GPU name, count and memory; driver; CUDA; library versions; harness version and commit. No torch import."""
+    fp: dict[str, Any] = gpu_fingerprint()
     for pkg in ("torch", "transformers", "peft", "trl", "unsloth", "unsloth_zoo"):
-        try:
-            fp[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            fp[pkg] = None
+        fp[pkg] = _version(pkg)
     try:
+        # torch's own CUDA build, asked in a child: the driver side must not import torch.
         fp["cuda"] = subprocess.run([sys.executable, "-c", "import torch; print(torch.version.cuda)"],
                                     capture_output=True, text=True, timeout=120).stdout.strip() or None
     except subprocess.SubprocessError:
         fp["cuda"] = None
-    try:
-        fp["harness_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-    except OSError:
-        fp["harness_commit"] = None
+    fp["harness_version"] = _version("harness")
+    fp["harness_commit"] = source_commit(Path(harness.__file__).resolve().parent)
     fp["cpu_count"] = os.cpu_count()
     return fp
+
+
+NO_GPU = {"gpu_name": None, "gpu_count": 0, "gpu_memory": None, "driver": None}
+
+
+def gpu_fingerprint() -> dict[str, Any]:
+    """GPU name, count, total memory (of the first GPU, as ``"81559 MiB"``) and driver version, from
+    NVML; ``NO_GPU`` where there is no NVIDIA driver or GPU."""
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:  # no driver library, driver not loaded, no permission: nothing to describe
+        return dict(NO_GPU)
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+        fp: dict[str, Any] = {"gpu_name": None, "gpu_count": count, "gpu_memory": None,
+                              "driver": _text(pynvml.nvmlSystemGetDriverVersion())}
+        if count:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            fp["gpu_name"] = _text(pynvml.nvmlDeviceGetName(handle))
+            fp["gpu_memory"] = f"{pynvml.nvmlDeviceGetMemoryInfo(handle).total // 2**20} MiB"
+        return fp
+    except pynvml.NVMLError:  # e.g. a GPU fallen off the bus: report none rather than fail the bench
+        return dict(NO_GPU)
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _text(value: str | bytes) -> str:
+    """NVML strings: str from current nvidia-ml-py, bytes from older releases."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _version(dist: str) -> str | None:
+    """An installed distribution's version, or None when it is not installed."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def source_commit(package_dir: Path) -> str | None:
+    """The short git commit of the harness source in ``package_dir``, or None when that folder is not
+    the ``harness/`` folder of a git checkout.
+
+    git looks upward for a repository, so a non-editable install in a venv that happens to sit inside
+    some other repository would otherwise report that repository's commit. Hence the check that the
+    repository's top level holds this very package.
+    """
+    top = _git(package_dir, "rev-parse", "--show-toplevel")
+    if top is None:
+        return None
+    source_init = Path(top) / "harness" / "__init__.py"
+    try:
+        if not source_init.samefile(package_dir / "__init__.py"):
+            return None
+    except OSError:  # either file missing: not this package's source
+        return None
+    return _git(package_dir, "rev-parse", "--short", "HEAD")
+
+
+def _git(cwd: Path, *args: str) -> str | None:
+    """A git command's stripped output, or None if git is missing, fails or prints nothing."""
+    try:
+        proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        return None
+    return proc.stdout.strip() or None
 
 
 def run_point(spec: dict[str, Any], workdir: Path, tag: str) -> dict[str, Any]:
@@ -233,7 +292,7 @@ def markdown(doc: dict, comparison: list[dict] | None = None, warnings: list[str
               else f"CPU ({fp.get('cpu_count')} cores), ") +
              f"driver {fp.get('driver')}, CUDA {fp.get('cuda')}; torch {fp.get('torch')}, transformers "
              f"{fp.get('transformers')}, peft {fp.get('peft')}, trl {fp.get('trl')}, unsloth {fp.get('unsloth')}; "
-             f"harness {fp.get('harness_commit')}", "",
+             f"harness {fp.get('harness_version')} at commit {fp.get('harness_commit')}", "",
              "| point | status | tokens/s median (min–max) | step s | MFU | peak alloc MiB | peak reserved MiB | peak RSS MiB | import s | load s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     med = lambda r, m: r.get(m, {}).get("median")  # noqa: E731

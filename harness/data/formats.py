@@ -128,6 +128,22 @@ def needed_columns(fmt: str, columns: dict[str, str]) -> list[str]:
             "chat": [columns["messages"]]}[fmt]
 
 
+def usable(record: Record, fmt: str, columns: dict[str, str]) -> bool:
+    """False for an empty or whitespace-only row, DataError naming a bad one, else True.
+
+    Needs no tokenizer, so every row can be checked in file order before the validation split:
+    empty rows then never count towards a split, and the first bad row is the one reported.
+    """
+    try:
+        if fmt == "chat":
+            _messages(record, columns["messages"])  # only the template needs a tokenizer
+        else:
+            render(record, fmt, columns, template="", tokenizer=None)
+    except Skip:
+        return False
+    return True
+
+
 def render(record: Record, fmt: str, columns: dict[str, str], template: str, tokenizer: Any) -> Segments:
     """Segments of one record; raises :class:`Skip` for an empty row, DataError for a bad one."""
     if fmt == "text":

@@ -27,7 +27,7 @@ from harness.errors import DataError, HarnessError
 from harness.files import write_json_atomic
 from harness.data.presets import PRESETS, TOKENIZER_VOCAB, is_preset
 
-PREPARED_VERSION = 1
+PREPARED_VERSION = 2  # 2: empty rows are skipped before the validation split, not after
 
 
 @dataclass
@@ -127,27 +127,21 @@ class TokenizedSplit:
         os.replace(tmp, path)
 
 
-def tokenize(records: list[data.Record], cfg: SweepConfig, tok, where: str) -> TokenizedSplit:
+def tokenize(records: list[data.Record], cfg: SweepConfig, tok, where: str, skipped_empty: int) -> TokenizedSplit:
     """Render each record, tokenize (BOS + segments + EOS), truncate to ``max_seq_length``.
 
-    Empty rows are skipped and counted; with ``train_on_responses_only`` a row whose response was
-    truncated away is dropped and counted too.
+    ``records`` are usable rows (see :func:`usable_rows`); ``skipped_empty`` is only carried into
+    the stats. With ``train_on_responses_only`` a row whose response was truncated away is
+    dropped and counted.
     """
     ds, max_len = cfg.dataset, cfg.max_seq_length
     columns = ds.columns.model_dump()
-    rendered, skipped = [], 0
-    for rec in records:
-        try:
-            rendered.append(formats.render(rec, ds.format, columns, ds.template, tok))
-        except formats.Skip:
-            skipped += 1
-    if not rendered:
-        raise DataError(f"{where}: no usable rows ({skipped} empty or whitespace-only rows skipped)")
+    rendered = [formats.render(rec, ds.format, columns, ds.template, tok) for rec in records]
     pieces = [text for segs in rendered for text, _ in segs]
     piece_ids = iter(tok(pieces, add_special_tokens=False)["input_ids"])
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    rows, masks, lengths, truncated, no_response = [], [], [], 0, 0
+    rows, masks, full_lengths, truncated, no_response = [], [], [], 0, 0
     for segs in rendered:
         ids, mask = list(bos), [0] * len(bos)
         for _, is_response in segs:
@@ -155,7 +149,7 @@ def tokenize(records: list[data.Record], cfg: SweepConfig, tok, where: str) -> T
             ids += seg
             mask += [int(is_response or not ds.train_on_responses_only)] * len(seg)
         ids, mask = ids + eos, mask + [1] * len(eos)
-        lengths.append(len(ids))
+        full_lengths.append(len(ids))  # before truncation: what the data holds, not what trains
         if len(ids) > max_len:
             ids, mask, truncated = ids[:max_len], mask[:max_len], truncated + 1
         if ds.train_on_responses_only and not any(mask[1:]):
@@ -170,10 +164,12 @@ def tokenize(records: list[data.Record], cfg: SweepConfig, tok, where: str) -> T
     flat = np.fromiter((t for r in rows for t in r), dtype=np.int32, count=int(offsets[-1]))
     loss_mask = (np.fromiter((m for r in masks for m in r), dtype=np.uint8, count=int(offsets[-1]))
                  if ds.train_on_responses_only else None)
-    lens = np.array(lengths)
+    lens = np.array(full_lengths)
     stats = {
-        "rows": len(rows), "skipped_empty": skipped, "dropped_no_response": no_response,
-        "tokens": int(flat.size), "truncated_rows": truncated, "truncated_share": round(truncated / len(lengths), 4),
+        "rows": len(rows), "skipped_empty": skipped_empty, "dropped_no_response": no_response,
+        # tokens and loss_tokens are what is stored and trains (after truncation): packing's
+        # sequence count is taken from them. The length figures are per usable row, before truncation.
+        "tokens": int(flat.size), "truncated_rows": truncated, "truncated_share": round(truncated / len(lens), 4),
         "length_min": int(lens.min()), "length_median": float(np.median(lens)),
         "length_p95": float(np.percentile(lens, 95)), "length_max": int(lens.max()),
         "loss_tokens": int(loss_mask.sum()) if loss_mask is not None else int(flat.size),
@@ -192,38 +188,69 @@ def _tokenizer_fingerprint(model_dir: str) -> str:
     return h.hexdigest()
 
 
-def load_splits(cfg: SweepConfig, sweep_dir: Path) -> tuple[list[data.Record], list[data.Record], str, str, list]:
-    """Read train and validation records: a given validation source or split, or a seeded fraction."""
+def usable_rows(records: list[data.Record], cfg: SweepConfig, where: str) -> tuple[list[data.Record], int]:
+    """The usable rows in file order and the number of empty ones skipped.
+
+    A bad row raises here, the first in file order, before any split or size check.
+    """
+    ds = cfg.dataset
+    columns = ds.columns.model_dump()
+    kept = [rec for rec in records if formats.usable(rec, ds.format, columns)]
+    if not kept:
+        raise DataError(f"{where}: no usable rows ({len(records)} empty or whitespace-only rows skipped)")
+    return kept, len(records) - len(kept)
+
+
+@dataclass
+class Splits:
+    train: list[data.Record]
+    val: list[data.Record]
+    train_where: str
+    val_where: str
+    skipped: dict  # empty rows skipped, per split
+    key_parts: list  # what the token cache key needs of the data
+
+
+def load_splits(cfg: SweepConfig, sweep_dir: Path) -> Splits:
+    """Read train and validation records: a given validation source or split, or a seeded fraction.
+
+    Every row is read and checked before any size check, so a bad row gets its own message, and
+    empty rows are skipped before the split, so they never take a validation row's place.
+    """
     ds = cfg.dataset
     src = data.resolve_source(ds.source, sweep_dir)
     records = data.read_records(src, ds.split)
-    columns = ds.columns.model_dump()
-    data.check_columns(records, formats.needed_columns(ds.format, columns), src)
+    needed = formats.needed_columns(ds.format, ds.columns.model_dump())
+    data.check_columns(records, needed, src)
+    records, skipped = usable_rows(records, cfg, src.location)
     key_parts: list = [src.kind, src.digest(), ds.split]
     if ds.validation or ds.validation_split:
         vsrc = data.resolve_source(ds.validation, sweep_dir) if ds.validation else src
         val = data.read_records(vsrc, ds.validation_split or ds.split)
         if not val:
             raise DataError(f"{vsrc.location}: the validation data is empty (dataset.validation)")
-        data.check_columns(val, formats.needed_columns(ds.format, columns), vsrc, "dataset.columns")
+        data.check_columns(val, needed, vsrc, "dataset.columns")
+        val, val_skipped = usable_rows(val, cfg, vsrc.location)
         train, val_where = records, vsrc.location
         key_parts += [vsrc.digest(), ds.validation_split]
     else:
-        train, val = data.split(records, ds.val_fraction, cfg.seed)
-        val_where = f"{src.location} (validation fraction {ds.val_fraction:g})"
+        train, val = data.split(records, ds.val_fraction, cfg.seed, src.location)
+        # Skipped before the split, so they are the source's: counted with the training split.
+        val_where, val_skipped = f"{src.location} (validation fraction {ds.val_fraction:g})", 0
         key_parts += [ds.val_fraction, cfg.seed]
-    return train[: ds.max_train_rows], val[: ds.max_val_rows], src.location, val_where, key_parts
+    return Splits(train[: ds.max_train_rows], val[: ds.max_val_rows], src.location, val_where,
+                  {"train": skipped, "validation": val_skipped}, key_parts)
 
 
-def check_batches_fit(cfg: SweepConfig, train: TokenizedSplit, where: str) -> None:
-    """The largest batch the search space can ask for must fit in the training split."""
+def check_batches_fit(cfg: SweepConfig, train: dict, where: str) -> None:
+    """The largest batch the search space can ask for must fit in the training split (its stats)."""
     dim = cfg.search_space.batch_size
     largest = int(max(dim.choices) if isinstance(dim, Choices) else dim.high if isinstance(dim, Range) else dim)
     packing = cfg.search_space.packing
     may_pack = packing is True or (isinstance(packing, Choices) and True in packing.choices)
-    usable = train.stats["rows"]
+    usable = train["rows"]
     if may_pack:
-        usable = min(usable, train.stats["tokens"] // cfg.max_seq_length)
+        usable = min(usable, train["tokens"] // cfg.max_seq_length)
     if usable < largest:
         raise DataError(f"{where}: {usable} training {'sequences' if may_pack else 'rows'}, fewer than one batch of "
                         f"{largest} (search_space.batch_size); add data or lower the batch size")
@@ -232,10 +259,10 @@ def check_batches_fit(cfg: SweepConfig, train: TokenizedSplit, where: str) -> No
 def prepare(cfg: SweepConfig, sweep_dir: Path) -> Prepared:
     start = time.perf_counter()
     model_dir = resolve_model(cfg)
-    train_records, val_records, train_where, val_where, key_parts = load_splits(cfg, sweep_dir)
+    splits = load_splits(cfg, sweep_dir)
     ds = cfg.dataset
     key = hashlib.sha256(json.dumps([
-        PREPARED_VERSION, *key_parts, _tokenizer_fingerprint(model_dir), ds.format, ds.columns.model_dump(),
+        PREPARED_VERSION, *splits.key_parts, _tokenizer_fingerprint(model_dir), ds.format, ds.columns.model_dump(),
         ds.template, ds.train_on_responses_only, ds.max_train_rows, ds.max_val_rows, cfg.max_seq_length,
     ], default=str).encode()).hexdigest()[:16]
     cache = data.cache_root() / "tokens" / key
@@ -245,14 +272,16 @@ def prepare(cfg: SweepConfig, sweep_dir: Path) -> Prepared:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(model_dir)
-        train = tokenize(train_records, cfg, tok, train_where)
-        check_batches_fit(cfg, train, train_where)
-        val = tokenize(val_records, cfg, tok, val_where)
+        train = tokenize(splits.train, cfg, tok, splits.train_where, splits.skipped["train"])
+        val = tokenize(splits.val, cfg, tok, splits.val_where, splits.skipped["validation"])
         cache.mkdir(parents=True, exist_ok=True)
         train.save(cache / "train.npz")
         val.save(cache / "val.npz")
         write_json_atomic(stats_file, {"train": train.stats, "validation": val.stats})
     stats = json.loads(stats_file.read_text())
+    # On every prepare, cache hit or not: the batch sizes searched are not part of the cache key,
+    # and a batch that cannot fit would otherwise fail every trial instead of stopping here.
+    check_batches_fit(cfg, stats["train"], splits.train_where)
     return Prepared(
         model_dir=model_dir, train_tokens=str(cache / "train.npz"), val_tokens=str(cache / "val.npz"),
         stats=stats, prepare_s=round(time.perf_counter() - start, 3), from_cache=from_cache,

@@ -186,7 +186,7 @@ def _read_jsonl(path: Path) -> list[Record]:
         try:
             items = json.loads(text)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path} line {err.lineno}: malformed JSON ({err.msg})") from None
+            raise _malformed(path, err.lineno, err) from None
         return [Record(f"{path} item {i + 1}", _mapping(item, f"{path} item {i + 1}")) for i, item in enumerate(items)]
     out = []
     for n, line in enumerate(text.splitlines(), start=1):
@@ -195,9 +195,16 @@ def _read_jsonl(path: Path) -> list[Record]:
         try:
             item = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path} line {n}: malformed JSON ({err.msg} at column {err.colno})") from None
+            raise _malformed(path, n, err) from None
         out.append(Record(f"{path} line {n}", _mapping(item, f"{path} line {n}")))
     return out
+
+
+def _malformed(path: Path, line: int, err: json.JSONDecodeError) -> DataError:
+    # Some of json's messages already end in "at" ("Unterminated string starting at"): drop it,
+    # or the message reads "... at at column 10".
+    reason = err.msg.removesuffix(" at")
+    return DataError(f"{path} line {line}: malformed JSON ({reason} at column {err.colno})")
 
 
 def _mapping(item: Any, where: str) -> dict:
@@ -283,14 +290,19 @@ def check_columns(records: list[Record], needed: list[str], src: Source, key: st
                             f"(map yours under {key})")
 
 
-def split(rows: list, val_fraction: float, seed: int) -> tuple[list, list]:
-    """Carve a validation split off by fraction, shuffled with the study seed."""
+def split(rows: list, val_fraction: float, seed: int, where: str) -> tuple[list, list]:
+    """Carve a validation split off by fraction, shuffled with the study seed.
+
+    ``rows`` are the usable rows (empty ones already skipped), so the fraction is of the data
+    that trains; ``where`` names the source in a size error.
+    """
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     n_val = round(len(rows) * val_fraction)
     if n_val == 0:
-        raise DataError(f"a validation fraction of {val_fraction:g} of {len(rows)} rows leaves no validation rows; "
-                        f"raise dataset.val_fraction or give dataset.validation")
+        raise DataError(f"{where}: a validation fraction of {val_fraction:g} of {len(rows)} usable rows leaves no "
+                        f"validation rows; raise dataset.val_fraction or give dataset.validation")
     if n_val >= len(rows):
-        raise DataError(f"a validation fraction of {val_fraction:g} of {len(rows)} rows leaves no training rows")
+        raise DataError(f"{where}: a validation fraction of {val_fraction:g} of {len(rows)} usable rows leaves no "
+                        f"training rows; lower dataset.val_fraction")
     return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]

@@ -1,0 +1,64 @@
+"""Starting a study's processes: the once-per-study preparation, and one OS process per trial.
+
+A process per trial means a crash, a leak or an out-of-memory error ends that trial alone, and
+every trial starts from clean memory, so its peak-memory figure is its own. Each start method is
+one :class:`Launcher`; all of them relay progress through one channel (``progress``), share one
+hang watchdog and return a :class:`~harness.records.TrialResult` (``base``):
+
+- **fork** (default where no NVIDIA device is visible): a fork server imports the stack once;
+  each trial is a fresh fork of it.
+- **standby** (default on GPU hosts): each slot keeps a spawned trial process, imports done,
+  waiting for its trial (CUDA, once initialised, cannot be forked).
+- **spawn**: ``python -m harness.worker.trial``, which imports for itself.
+- **torchrun**: one trial over ``gpus_per_trial`` GPUs, a process per GPU.
+
+Torch-free: the driver imports it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from harness.errors import HarnessError
+from harness.launch.base import Launcher, child_env, log_tail
+from harness.launch.fork import ForkLauncher
+from harness.launch.spawn import SpawnLauncher, TorchrunLauncher
+from harness.launch.standby import StandbyLauncher
+
+__all__ = ["Launcher", "ForkLauncher", "SpawnLauncher", "StandbyLauncher", "TorchrunLauncher", "make_launcher",
+           "default_start_method", "run_prepare"]
+
+
+def nvidia_visible() -> bool:
+    return os.path.exists("/dev/nvidiactl") and os.environ.get("CUDA_VISIBLE_DEVICES", "0") not in ("", "-1")
+
+
+def default_start_method(device: str) -> str:
+    return "fork" if device == "cpu" or not nvidia_visible() else "standby"
+
+
+def make_launcher(start_method: str, study_dir: Path, storage_url: str, slot_env: dict[str, dict[str, str]],
+                  hang_timeout_s: float | None, gpus_per_trial: int = 1) -> Launcher:
+    """The launcher for ``start_method`` (``auto`` resolved by the caller); trials spanning several
+    GPUs always use torchrun."""
+    args = (study_dir, storage_url, slot_env, hang_timeout_s)
+    if gpus_per_trial > 1:
+        return TorchrunLauncher(*args, nproc=gpus_per_trial)
+    kinds = {"fork": ForkLauncher, "standby": StandbyLauncher, "spawn": SpawnLauncher}
+    return kinds[start_method](*args)
+
+
+def run_prepare(config_json: Path, sweep_dir: Path, out: Path, log: Path) -> None:
+    """Resolve the model and tokenize the data once, in a child process (the driver never imports torch)."""
+    with log.open("w") as log_f:
+        code = subprocess.call(
+            [sys.executable, "-m", "harness.data.prepare", str(config_json), str(sweep_dir), str(out)],
+            stdout=log_f, stderr=subprocess.STDOUT, env=child_env(""),
+        )
+    if code != 0:
+        lines = [line for line in log_tail(log, 40).splitlines() if line.startswith("error: ")]
+        raise HarnessError(lines[-1].removeprefix("error: ") if lines else
+                           f"preparing the model and data failed (exit {code}); see {log}:\n{log_tail(log)}")

@@ -1,75 +1,34 @@
-"""The sweep driver: sweep config → Optuna study → one process per trial → report.
+"""The sweep driver: sweep config → Optuna study → one process per trial → its record → storage.
 
 The driver imports neither torch nor unsloth. It asks Optuna for each trial (so sampling happens
-here, with the whole study's history), starts the trial's process, and tells Optuna how it ended.
-``n_trials`` is the study's total: a study that already has that many finished trials runs nothing.
+here, with the whole study's history), has a launcher run the trial's process, and alone turns
+the trial's record into its final state (``study.record_result``). ``n_trials`` is the study's
+total: a study that already has that many finished trials runs nothing.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import optuna
 from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from harness.sweep.config import SweepConfig
-from harness.errors import HarnessError
+from harness.errors import HarnessError, TrialsCannotRun
 from harness.files import write_json_atomic
-from harness.launch.launcher import (StandbyPool, TrialOutcome, TrialProcess, default_start_method, run_prepare,
-                              start_fork_server)
+from harness.launch import default_start_method, make_launcher, run_prepare
+from harness.launch.fork import ForkLauncher
+from harness.records import TrialResult
+from harness.sweep.best import promote
+from harness.sweep.config import SweepConfig
+from harness.sweep.display import Display
 from harness.sweep.storage import default_storage, fail_stale, heartbeat, redact, study_lock
-from harness.sweep.study import counted_trials, create_study, finished_count, suggest
-
-STATES = {
-    "complete": optuna.trial.TrialState.COMPLETE,
-    "pruned": optuna.trial.TrialState.PRUNED,
-    "fail": optuna.trial.TrialState.FAIL,
-}
-
-
-@dataclass
-class SweepRun:
-    study_dir: Path
-    storage_url: str
-    ran: int
-    finished: int
-
-
-def _fmt_params(params: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
-
-
-def _promote_best(study: optuna.Study, study_dir: Path, number: int) -> None:
-    """Keep the adapter of the best trial under ``best/`` and drop every other one."""
-    adapter = study_dir / "trials" / str(number) / "adapter"
-    if not adapter.exists():
-        return
-    try:
-        is_best = study.best_trial.number == number
-    except ValueError:
-        is_best = False
-    if not is_best:
-        shutil.rmtree(adapter, ignore_errors=True)
-        return
-    best, old = study_dir / "best", study_dir / "best.old"
-    shutil.rmtree(old, ignore_errors=True)
-    t = study.best_trial
-    write_json_atomic(adapter / "trial.json", {"number": t.number, "val_loss": t.value, "params": t.params})
-    if best.exists():
-        os.replace(best, old)
-    os.replace(adapter, best)
-    shutil.rmtree(old, ignore_errors=True)
-
+from harness.sweep.study import counted_trials, create_study, finished_count, record_result, suggest
+from harness.sweep.wandb_check import remove_empty_runs, study_wandb_mode
 
 WAIT = "wait"
 
@@ -77,8 +36,8 @@ WAIT = "wait"
 def _next_trial(study: optuna.Study, cfg: SweepConfig) -> optuna.Trial | str | None:
     """A retry waiting to run, else a new trial while the study's total allows; None when done.
 
-    ``WAIT`` when the total is reached but trials are still RUNNING (another worker's, or a dead
-    driver's that has not gone stale yet: once stale it is failed and queued again as a retry).
+    ``WAIT`` when the total is reached but trials are still RUNNING (another slot's or worker's, or
+    a dead driver's that has not gone stale yet: once stale it is failed and queued again).
     """
     fail_stale(study)
     trials = study.get_trials(deepcopy=False)
@@ -92,116 +51,57 @@ def _next_trial(study: optuna.Study, cfg: SweepConfig) -> optuna.Trial | str | N
     return WAIT if any(t.state == optuna.trial.TrialState.RUNNING for t in trials) else None
 
 
-def _record(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, cfg: SweepConfig) -> None:
-    """Tell Optuna how the trial ended, with the reason and outcome kept on the trial."""
-    trial.set_user_attr("driver", f"{socket.gethostname()}:{os.getpid()}")
-    if outcome.reason:
-        trial.set_user_attr("fail_reason", outcome.reason[-4000:])
-    if outcome.state == "fail":
-        kind = (outcome.reason or "fail").split(":", 1)[0]
-        trial.set_user_attr("outcome", kind if kind in FAIL_KINDS else "error")
-    _tell(study, trial, outcome, cfg.objective.direction)
+def _slots(gpus: list[int] | None, per_trial: int) -> dict[str, dict[str, str]]:
+    """Each slot (a GPU of the pool, or a group of ``gpus_per_trial`` GPUs that one trial spans)
+    with the environment its trials run in."""
+    if gpus and len(gpus) % per_trial:
+        raise HarnessError(f"--gpus {','.join(map(str, gpus))}: {len(gpus)} GPUs do not split into groups of "
+                           f"gpus_per_trial={per_trial}")
+    groups = ([gpus[i : i + per_trial] for i in range(0, len(gpus), per_trial)] if gpus
+              else [list(range(per_trial))] if per_trial > 1 else [])
+    if not groups:
+        return {"0": {}}
+    return {",".join(map(str, g)): {"CUDA_VISIBLE_DEVICES": ",".join(map(str, g))} for g in groups}
 
 
-FAIL_KINDS = {"crash", "hang", "nonfinite_loss"}
+def _prepare(cfg: SweepConfig, study: optuna.Study, sweep_dir: Path, study_dir: Path, console: Console) -> None:
+    with console.status("preparing model and data (once per study)"):
+        run_prepare(study_dir / "sweep.json", sweep_dir, study_dir / "prepared.json", study_dir / "prepare.log")
+    prepared = json.loads((study_dir / "prepared.json").read_text())
+    train, val = prepared["stats"]["train"], prepared["stats"]["validation"]
+    study.set_user_attr("data", prepared["stats"])  # so the report can show it from the storage alone
+    console.print(
+        f"data: {train['rows']:,} train rows ({train['tokens']:,} tokens), {val['rows']:,} validation rows; "
+        f"{train['skipped_empty'] + val['skipped_empty']} empty rows skipped, "
+        f"{train['truncated_rows'] + val['truncated_rows']} truncated at {cfg.max_seq_length} tokens"
+        f"{' (tokenized data from cache)' if prepared['from_cache'] else ''}; model {prepared['model_dir']}"
+    )
 
 
-def _tell(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, direction: str = "minimize") -> None:
-    try:
-        if outcome.state == "complete":
-            study.tell(trial, outcome.value)
-        elif outcome.state == "oom":
-            # Infeasible (its constraint is set): COMPLETE with the worst value, which best_trial and
-            # the report ignore, so the sampler counts it as infeasible rather than failed or pruned.
-            study.tell(trial, float("inf") if direction == "minimize" else float("-inf"))
-        else:
-            study.tell(trial, state=STATES[outcome.state])
-    except RuntimeError as err:
-        # GridSampler.after_trial calls study.stop() once the grid is covered, which Optuna allows
-        # only inside optimize(); the trial's state is stored all the same (tell's `finally`), and
-        # the driver checks is_exhausted() itself.
-        if "Study.stop" not in str(err):
-            raise
-
-
-class Display:
-    """Live progress: trials done of total with the best so far, and each running trial's steps
-    (one line per slot: a GPU of the pool, or the single slot)."""
-
-    def __init__(self, console: Console, total: int, done: int, slots: list[str]):
-        self.console = console
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=console, transient=False,
-        )
-        self.trials = self.progress.add_task("trials", total=total, completed=done)
-        self.steps = {slot: self.progress.add_task("", total=1, visible=False) for slot in slots}
-        self.tag = {slot: (escape(f"[gpu {slot}] ") if len(slots) > 1 or "," in slot else "") for slot in slots}
-        self.best: str = "-"
-        self.lock = threading.Lock()
-
-    def __enter__(self) -> "Display":
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
-
-    def start_trial(self, slot: str, number: int, params: dict[str, Any]) -> None:
-        self.console.print(f"{self.tag[slot]}[bold]trial {number}[/] {_fmt_params(params)}")
-        self.progress.update(self.steps[slot], description=f"  {self.tag[slot]}trial {number}: starting",
-                             completed=0, total=1, visible=True)
-
-    def on_event(self, slot: str, number: int, ev: dict) -> None:
-        kind, task, tag = ev.get("event"), self.steps[slot], self.tag[slot]
-        if kind == "phase":
-            self.progress.update(task, description=f"  {tag}trial {number}: {ev['phase']}")
-        elif kind == "step":
-            self.progress.update(task, completed=ev["step"], total=ev["total"],
-                                 description=f"  {tag}trial {number}: step loss {ev['loss']:.3f}")
-        elif kind == "eval":
-            self.console.print(f"  {tag}trial {number} step {ev['step']:>4}  val_loss {ev['val_loss']:.4f}"
-                               + ("  → prune" if ev["prune"] else ""))
-
-    def end_trial(self, slot: str, number: int, outcome: TrialOutcome, study: optuna.Study) -> None:
-        m, tag = outcome.metrics, self.tag[slot]
-        if outcome.state == "fail":
-            first = (outcome.reason or "").splitlines()[0] if outcome.reason else ""
-            self.console.print(f"  {tag}[red]trial {number} failed[/]: {escape(first)}")
-        elif outcome.state == "oom":
-            self.console.print(f"  {tag}trial {number} [yellow]infeasible[/]: out of memory at "
-                               f"{m.get('mem_at_failure_mib', 0):,.0f} MiB (peak {m.get('peak_mem_mib', 0):,.0f} MiB)")
-        else:
-            tps = m.get("tokens_per_s")
-            self.console.print(
-                f"  {tag}trial {number} [green]{outcome.state}[/] val_loss {outcome.value:.4f}  "
-                f"{tps or 0:,.0f} tok/s  peak {m.get('peak_mem_mib', 0):,.0f} MiB  train {m.get('train_s', 0):.1f}s"
-                + ("  [yellow]over the memory budget: infeasible[/]" if m.get("outcome") == "over_budget" else "")
-            )
-        with self.lock:
-            try:
-                self.best = f"{study.best_value:.4f} (trial {study.best_trial.number})"
-            except ValueError:
-                pass
-            self.progress.update(self.steps[slot], visible=False)
-            self.progress.update(self.trials, advance=1, description=f"trials  best val_loss {self.best}")
+def _wandb_for_study(cfg: SweepConfig, study_dir: Path, console: Console) -> SweepConfig:
+    """Decide once for the whole study whether W&B can go online (a key on a host without network
+    would otherwise make every trial wait for W&B's time-out)."""
+    mode, warning = study_wandb_mode(cfg.wandb, study_dir / "wandb")
+    if warning:
+        console.print(f"[yellow]warning:[/] {warning}")
+    return cfg.model_copy(update={"wandb": cfg.wandb.model_copy(update={"mode": mode})})
 
 
 def run_sweep(
     cfg: SweepConfig, sweep_dir: Path, results_dir: Path, console: Console | None = None,
     gpus: list[int] | None = None, worker: bool = False,
-) -> SweepRun:
-    """Run the study until it holds ``cfg.n_trials`` trials (or ``cfg.timeout`` passes).
+) -> int:
+    """Run the study until it holds ``cfg.n_trials`` trials (or ``cfg.timeout`` passes); the
+    number of trials this call ran.
 
     With ``gpus``, one trial runs on each listed GPU at once. Several drivers (``harness worker``)
-    may share one study through its storage; ``n_trials`` holds across all of them.
+    may share one study through its storage; ``n_trials`` holds across all of them. Raises
+    :class:`TrialsCannotRun` when a trial could not get to train after its retries.
     """
     console = console or Console()
     study_dir = (results_dir / cfg.study).resolve()
     study_dir.mkdir(parents=True, exist_ok=True)
     storage_url = cfg.storage or default_storage(study_dir)
-    # The storage URL may hold a password: it goes to trial processes by environment only.
-    write_json_atomic(study_dir / "sweep.json", cfg.model_dump(mode="json", exclude={"storage"}))
     write_json_atomic(study_dir / "study.json", {"study": cfg.study, "storage": redact(storage_url)})
 
     # Workers share a study: each samples with its own seed (its process id mixed in), so two
@@ -212,81 +112,68 @@ def run_sweep(
     console.print(f"study [bold]{cfg.study}[/]: {done} of {cfg.n_trials} trials finished; storage {redact(storage_url)}")
     if done >= cfg.n_trials and not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,
                                                                               optuna.trial.TrialState.RUNNING)):
-        return SweepRun(study_dir, storage_url, 0, done)
+        return 0
+    cfg = _wandb_for_study(cfg, study_dir, console)
+    # The storage URL may hold a password: it goes to trial processes by environment only.
+    write_json_atomic(study_dir / "sweep.json", cfg.model_dump(mode="json", exclude={"storage"}))
 
     start_method = default_start_method(cfg.device) if cfg.start_method == "auto" else cfg.start_method
-    if cfg.gpus_per_trial > 1:
-        start_method = "spawn"  # torchrun starts the trial's processes
-    k = cfg.gpus_per_trial
-    if gpus and len(gpus) % k:
-        raise HarnessError(f"--gpus {','.join(map(str, gpus))}: {len(gpus)} GPUs do not split into groups of "
-                           f"gpus_per_trial={k}")
-    # A slot is one GPU, or a group of gpus_per_trial GPUs that one trial spans.
-    groups = [gpus[i : i + k] for i in range(0, len(gpus), k)] if gpus else ([list(range(k))] if k > 1 else [])
-    slots = [",".join(map(str, g)) for g in groups] or ["0"]
-    # GPU pool: each slot runs one trial at a time on its GPUs (CUDA_VISIBLE_DEVICES).
-    slot_env = {slot: ({"CUDA_VISIBLE_DEVICES": slot} if groups else {}) for slot in slots}
-    # With start_method standby, each slot's first standby imports while the model and data are prepared.
-    with StandbyPool(study_dir, storage_url, slot_env, enabled=start_method == "standby") as standbys:
-        with console.status("preparing model and data (once per study)"):
-            run_prepare(study_dir / "sweep.json", sweep_dir, study_dir / "prepared.json", study_dir / "prepare.log")
-        prepared = json.loads((study_dir / "prepared.json").read_text())
-        train, val = prepared["stats"]["train"], prepared["stats"]["validation"]
-        study.set_user_attr("data", prepared["stats"])  # so the report can show it from the storage alone
-        console.print(
-            f"data: {train['rows']:,} train rows ({train['tokens']:,} tokens), {val['rows']:,} validation rows; "
-            f"{train['skipped_empty'] + val['skipped_empty']} empty rows skipped, "
-            f"{train['truncated_rows'] + val['truncated_rows']} truncated at {cfg.max_seq_length} tokens"
-            f"{' (tokenized data from cache)' if prepared['from_cache'] else ''}; model {prepared['model_dir']}"
-        )
+    slots = _slots(gpus, cfg.gpus_per_trial)
+    launcher = make_launcher(start_method, study_dir, storage_url, slots, cfg.budget.hang_timeout_s,
+                             cfg.gpus_per_trial)
+    driver_id = f"{socket.gethostname()}:{os.getpid()}"
+    deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
+    next_lock = threading.Lock()
+    stop, waiting = threading.Event(), threading.Event()
+    running: dict[str, optuna.Trial] = {}
+    counts = {"ran": 0, "trained": 0}
+    cannot_run: list[TrialResult] = []
 
-        deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
-        if start_method == "fork":
+    def slot_loop(slot: str, display: Display) -> None:
+        while not stop.is_set():
+            if deadline is not None and time.monotonic() >= deadline:
+                console.print("timeout reached: no new trials are started")
+                return
+            with next_lock, study_lock(storage_url):  # count-then-ask is atomic across threads, workers, hosts
+                trial = _next_trial(study, cfg)
+                params = suggest(trial, cfg) if isinstance(trial, optuna.Trial) else None
+            if trial is None:
+                return
+            if trial == WAIT:
+                if not waiting.is_set():
+                    waiting.set()
+                    display.waiting(len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))))
+                time.sleep(cfg.fault_tolerance.heartbeat_s)
+                continue
+            retry_of = next((t.system_attrs.get("failed_trial") for t in study.get_trials(deepcopy=False)
+                             if t.number == trial.number), None)
+            display.start_trial(slot, trial.number, params, retry_of)
+            running[slot] = trial
+            with heartbeat(study, trial):
+                # The slot's next trial process gets ready while this one trains (standby).
+                result = launcher.run(trial.number, slot, lambda n, ev: display.on_event(slot, n, ev),
+                                      prefetch=counted_trials(study) < cfg.n_trials)
+            running.pop(slot, None)
+            if stop.is_set():
+                return
+            retried = record_result(study, trial, result, cfg.fault_tolerance.max_retries, driver_id, cfg.memory_budget_mib)
+            promote(study, study_dir, trial.number)
+            if result.outcome in ("crash", "hang", "infrastructure"):
+                remove_empty_runs(study_dir / "wandb")  # a killed trial's W&B run holds nothing
+            display.end_trial(slot, result, study, retried)
+            counts["ran"] += 1
+            counts["trained"] += result.reached_training
+            if result.outcome == "infrastructure" and not retried:
+                cannot_run.append(result)
+                stop.set()
+
+    with launcher:
+        _prepare(cfg, study, sweep_dir, study_dir, console)
+        if isinstance(launcher, ForkLauncher):
             with console.status("starting the trial fork server (imports unsloth once per study)"):
-                seconds = start_fork_server(study_dir / "forkserver.log")
+                seconds = launcher.start_server(study_dir / "forkserver.log")
             console.print(f"trial processes fork from a server that imported the training stack in {seconds:.1f}s")
-        counter = {"ran": 0}
-        next_lock = threading.Lock()
-        stop, waiting = threading.Event(), threading.Event()
-
-        def slot_loop(slot: str, display: Display) -> None:
-            extra_env = slot_env[slot]
-            while not stop.is_set():
-                if deadline is not None and time.monotonic() >= deadline:
-                    console.print("timeout reached: no new trials are started")
-                    return
-                with next_lock, study_lock(storage_url):  # count-then-ask is atomic across threads, workers, hosts
-                    trial = _next_trial(study, cfg)
-                    params = suggest(trial, cfg) if isinstance(trial, optuna.Trial) else None
-                if trial is None:
-                    return
-                if trial == WAIT:
-                    if not waiting.is_set():
-                        waiting.set()
-                        console.print("waiting for running trials to end (a dead driver's go stale and are retried)")
-                    time.sleep(cfg.fault_tolerance.heartbeat_s)
-                    continue
-                display.start_trial(slot, trial.number, params)
-                process = TrialProcess(study_dir, trial.number, storage_url, start_method,
-                                       hang_timeout_s=cfg.budget.hang_timeout_s, extra_env=extra_env, nproc=k,
-                                           standby=standbys.take(slot))
-                if counted_trials(study) < cfg.n_trials:
-                    standbys.refill(slot)  # the next trial's process imports while this one trains
-                processes[slot] = (process, trial)
-                # The heartbeat says "this trial's driver is alive"; if it stops, another driver (or
-                # this one, restarted) fails the trial after the grace period and retries it.
-                with heartbeat(study, trial):
-                    outcome = process.run(lambda ev, n=trial.number: display.on_event(slot, n, ev))
-                processes.pop(slot, None)
-                if stop.is_set():
-                    return
-                _record(study, trial, outcome, cfg)
-                _promote_best(study, study_dir, trial.number)
-                display.end_trial(slot, trial.number, outcome, study)
-                counter["ran"] += 1
-
-        processes: dict[str, tuple[TrialProcess, optuna.Trial]] = {}
-        with Display(console, cfg.n_trials, done, slots) as display:
+        with Display(console, cfg.n_trials, done, list(slots)) as display:
             threads = [threading.Thread(target=slot_loop, args=(slot, display), name=f"slot-{slot}", daemon=True)
                        for slot in slots]
             for t in threads:
@@ -297,11 +184,23 @@ def run_sweep(
                         t.join(0.5)
             except KeyboardInterrupt:
                 stop.set()
-                for process, trial in list(processes.values()):
-                    process.kill()
-                    trial.set_user_attr("outcome", "interrupted")
-                    trial.set_user_attr("fail_reason", "interrupted by the user (Ctrl-C)")
-                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                _interrupt(study, launcher, running, study_dir, cfg, driver_id)
                 raise
-        ran = counter["ran"]
-        return SweepRun(study_dir, storage_url, ran, finished_count(study))
+    if cannot_run:
+        r = cannot_run[0]
+        raise TrialsCannotRun(f"trial {r.number} could not get to train after {cfg.fault_tolerance.max_retries} "
+                              f"retries, so the study stopped: {(r.reason or '').splitlines()[0]} "
+                              f"(log: {study_dir / 'trials' / str(r.number) / 'log.txt'})")
+    return counts["ran"]
+
+
+def _interrupt(study: optuna.Study, launcher, running: dict[str, optuna.Trial], study_dir: Path, cfg: SweepConfig,
+               driver_id: str) -> None:
+    """Ctrl-C: end the running trials and record them as interrupted (their parameters run again
+    on the next run of the same command; they do not count towards n_trials)."""
+    for trial in list(running.values()):
+        launcher.kill(trial.number)
+        record_result(study, trial, TrialResult(number=trial.number, outcome="interrupted",
+                                                reason="interrupted by the user (Ctrl-C)"),
+                      max(1, cfg.fault_tolerance.max_retries), driver_id)
+    remove_empty_runs(study_dir / "wandb")

@@ -6,45 +6,60 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
+import typing
+
 import optuna
 import polars as pl
+
+from harness import params
+from harness.records import METRIC_TYPES, RECORD_TYPES
+from harness.sweep.best import best_trial
 
 from harness.files import write_text_atomic
 from harness.sweep.storage import default_storage, make_storage
 from harness.sweep.study import superseded
 
-METRICS = ["val_loss", "tokens_per_s", "padded_tokens_per_s", "peak_mem_mib", "peak_alloc_mib", "peak_reserved_mib", "train_s",
-           "fixed_s", "spawn_s", "import_s", "setup_s", "load_s", "preimport_s", "steps", "tokens_trained"]
+def _dtype(annotation) -> pl.DataType:
+    """The Polars type of a record field: whole numbers stay integers."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if args else annotation
+    if typing.get_origin(base) is list:
+        return pl.List(_dtype(typing.get_args(base)[0]))
+    return {int: pl.Int64, float: pl.Float64, bool: pl.Boolean, str: pl.Utf8}[base]
+
+
+COLUMNS: dict[str, pl.DataType] = {
+    "number": pl.Int64, "state": pl.Utf8, "feasible": pl.Boolean, "duration_s": pl.Float64,
+    **{name: _dtype(t) for name, t in RECORD_TYPES.items()},
+    **{name: _dtype(t) for name, t in METRIC_TYPES.items()},
+}
+PARAM_TYPES = {int: pl.Int64, float: pl.Float64, bool: pl.Boolean}
 
 
 def trials_frame(study: optuna.Study) -> pl.DataFrame:
-    """One row per trial: number, state, metrics, and one ``param_<name>`` column per searched parameter."""
+    """One row per trial: its number and state, every field of its record (each with its type),
+    and one ``param_<name>`` column per searched parameter."""
     trials = study.get_trials(deepcopy=False)
     param_names = sorted({k for t in trials for k in t.params})
     retried = superseded(trials)
     rows = []
     for t in trials:
-        outcome = t.user_attrs.get("outcome") or ("stale_retried" if t.number in retried else t.state.name.lower())
-        row: dict[str, Any] = {"number": t.number, "state": t.state.name, "outcome": outcome,
-                               "feasible": all(v <= 0 for v in t.constraints.values())}
-        for m in METRICS:
-            row[m] = t.user_attrs.get(m)
-        row["mem_at_failure_mib"] = t.user_attrs.get("mem_at_failure_mib")
-        row["device"] = t.user_attrs.get("device")
-        row["gpu_name"] = t.user_attrs.get("gpu_name")
-        row["duration_s"] = t.duration.total_seconds() if t.duration else None
-        row["fail_reason"] = next(iter((t.user_attrs.get("fail_reason") or "").splitlines()), None)
+        row: dict[str, Any] = {name: t.user_attrs.get(name) for name in COLUMNS}
+        row.update(number=t.number, state=t.state.name, feasible=all(v <= 0 for v in t.constraints.values()),
+                   duration_s=t.duration.total_seconds() if t.duration else None)
+        if t.number in retried and not row["outcome"]:
+            row["outcome"] = "stale_retried"  # its driver died; a retry ran its parameters
+        row["outcome"] = row["outcome"] or t.state.name.lower()
         for p in param_names:
             row[f"param_{p}"] = t.params.get(p)
         rows.append(row)
-    schema = {"number": pl.Int64, "state": pl.Utf8, "outcome": pl.Utf8, "feasible": pl.Boolean,
-              **{m: pl.Float64 for m in METRICS}, "mem_at_failure_mib": pl.Float64, "device": pl.Utf8,
-              "gpu_name": pl.Utf8, "duration_s": pl.Float64, "fail_reason": pl.Utf8}
-    schema.update({f"param_{p}": pl.Float64 for p in param_names})
+    schema = dict(COLUMNS)
+    schema.update({f"param_{p}": PARAM_TYPES.get(params.TYPES.get(p), pl.Float64) for p in param_names})
     return pl.DataFrame(rows, schema=schema, orient="row") if rows else pl.DataFrame(schema=schema)
 
 
@@ -87,10 +102,12 @@ def summary_markdown(study: optuna.Study, df: pl.DataFrame) -> str:
     counts = df.group_by("outcome").len().sort("outcome")
     lines = [f"# Study `{study.study_name}`", "",
              "Trials: " + ", ".join(f"{s} {n}" for s, n in counts.iter_rows()), ""]
-    complete = df.filter(pl.col("outcome") == "complete").sort("val_loss")
+    complete = df.filter((pl.col("outcome") == "complete") & pl.col("feasible")).sort(
+        "val_loss", descending=study.direction == optuna.study.StudyDirection.MAXIMIZE)
     shown = ["number", "val_loss", "tokens_per_s", "peak_mem_mib", "train_s", *param_cols]
-    if complete.height:
-        best = complete.row(0, named=True)
+    chosen = best_trial(study)
+    if chosen is not None:
+        best = df.filter(pl.col("number") == chosen.number).row(0, named=True)
         lines += ["## Best trial", "",
                   f"Trial {best['number']}: validation loss **{best['val_loss']:.4f}**, "
                   f"{best['tokens_per_s'] or 0:,.0f} tokens/s, peak memory {best['peak_mem_mib'] or 0:,.0f} MiB "
@@ -108,7 +125,7 @@ def summary_markdown(study: optuna.Study, df: pl.DataFrame) -> str:
         cols = ["rows", "tokens", "length_min", "length_median", "length_p95", "length_max", "truncated_share",
                 "skipped_empty"]
         table = pl.DataFrame([{"split": name, **{c: float(s.get(c, 0)) for c in cols}} for name, s in data.items()])
-        lines += ["## Data", "", "Token lengths per row before truncation (BOS and EOS included).", "", _md(table), ""]
+        lines += ["## Data", "", "Per split: rows and tokens as trained (after truncation); the length figures are per row before truncation (BOS and EOS included).", "", _md(table), ""]
     infeasible = df.filter(~pl.col("feasible"))
     if infeasible.height:
         lines += ["## Infeasible trials", "", "Out of memory or over `memory_budget_mib`: recorded as infeasible "
@@ -116,7 +133,7 @@ def summary_markdown(study: optuna.Study, df: pl.DataFrame) -> str:
                   _md(infeasible.select("number", "outcome", "peak_mem_mib", "mem_at_failure_mib", *param_cols)), ""]
     failed = df.filter(pl.col("state") == "FAIL")
     if failed.height:
-        lines += ["## Failed trials", "", _md(failed.select("number", "outcome", "fail_reason")), ""]
+        lines += ["## Failed trials", "", _md(failed.select("number", "outcome", pl.col("reason").str.split("\n").list.first())), ""]
     lines += ["Metrics: validation loss is the mean token-level cross-entropy over the validation split; "
               "tokens/s counts non-padding tokens trained per second, warm-up steps and evaluation excluded; "
               "peak memory is CUDA max reserved (GPU) or peak RSS (CPU).", ""]
@@ -155,13 +172,26 @@ def plot_curves(study: optuna.Study, out: Path) -> None:
     os.replace(tmp, out)
 
 
+def study_name(study_dir: Path) -> str:
+    """The study's name as its driver wrote it in ``study.json`` (the folder may have been copied
+    or renamed since); the folder's name when there is none."""
+    try:
+        return json.loads((study_dir / "study.json").read_text())["study"]
+    except (OSError, ValueError, KeyError):
+        return study_dir.name
+
+
 def build_report(study_dir: Path, storage_url: str | None = None) -> dict[str, Path]:
     """Rebuild ``trials.parquet``, ``summary.md`` and ``curves.png`` in ``study_dir`` from the storage."""
     study_dir = Path(study_dir)
     url = storage_url or default_storage(study_dir)
     if storage_url is None and not (study_dir / "study.db").exists():
         raise FileNotFoundError(f"{study_dir}: no study.db here; pass --storage URL for a study kept elsewhere")
-    study = optuna.load_study(study_name=study_dir.name, storage=make_storage(url))
+    name = study_name(study_dir)
+    try:
+        study = optuna.load_study(study_name=name, storage=make_storage(url))
+    except KeyError:
+        raise KeyError(f"the storage holds no study named '{name}'") from None
     df = trials_frame(study)
     out = {"parquet": study_dir / "trials.parquet", "summary": study_dir / "summary.md", "plot": study_dir / "curves.png"}
     tmp = out["parquet"].with_suffix(".tmp.parquet")

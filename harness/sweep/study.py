@@ -12,6 +12,7 @@ from typing import Any
 import optuna
 
 from harness import params
+from harness.records import TrialResult
 from harness.sweep.config import Choices, Range, SweepConfig
 from harness.sweep.storage import make_storage, retried_numbers
 
@@ -100,3 +101,65 @@ def finished_count(study: optuna.Study) -> int:
     trials = study.get_trials(deepcopy=False, states=FINISHED)
     gone = superseded(study.get_trials(deepcopy=False))
     return sum(1 for t in trials if t.number not in gone)
+
+
+def queue_retry(study: optuna.Study, failed: optuna.trial.FrozenTrial, max_retries: int) -> bool:
+    """Queue ``failed``'s parameters again as a WAITING trial, at most ``max_retries`` times over
+    its history; False when they are used up.
+
+    The retry carries Optuna's own retry bookkeeping (``failed_trial``, ``retry_history``, as its
+    heartbeat callback writes them), so the failed trial stops counting towards ``n_trials`` and
+    the report can follow the chain. Unlike that callback it does not copy the failed trial's user
+    attributes: the retry's record is its own.
+    """
+    history = [*failed.system_attrs.get("retry_history", []), failed.number]
+    if len(history) > max_retries:
+        return False
+    study.add_trial(optuna.create_trial(
+        state=optuna.trial.TrialState.WAITING, params=failed.params, distributions=failed.distributions,
+        system_attrs={**failed.system_attrs, "failed_trial": failed.system_attrs.get("failed_trial", failed.number),
+                      "retry_history": history},
+    ))
+    return True
+
+
+def record_result(study: optuna.Study, trial: optuna.Trial, result: TrialResult, max_retries: int,
+                  driver: str, memory_budget_mib: float | None = None) -> bool:
+    """Turn a trial's record into its final Optuna state (only the driver calls this).
+
+    Complete and pruned trials are told as such; infeasible ones (out of memory, over the memory
+    budget) get a constraint and are told COMPLETE with the worst value, so TPE learns to avoid the
+    region (FAIL or PRUNED would skew it) and ``best_trial`` never picks them. Failures are told
+    FAIL; those that say nothing about the config (``RETRIED_OUTCOMES``) are queued again.
+    Returns whether a retry was queued.
+    """
+    for key, value in {**result.user_attrs(), "driver": driver}.items():
+        trial.set_user_attr(key, value)
+    if result.outcome == "over_budget":
+        # How far over: a constrained sampler prefers configs that are nearly within budget.
+        trial.set_constraint("memory_budget", result.metrics.peak_mem_mib - memory_budget_mib)
+    elif result.outcome == "oom":
+        trial.set_constraint("memory_budget" if memory_budget_mib else "oom", 1.0)
+    try:
+        if result.state == "complete":
+            study.tell(trial, result.value)
+        elif result.state == "infeasible":
+            study.tell(trial, float("inf") if study.direction == optuna.study.StudyDirection.MINIMIZE else float("-inf"))
+        else:
+            study.tell(trial, state=STATES[result.state])
+    except RuntimeError as err:
+        # GridSampler.after_trial calls study.stop() once the grid is covered, which Optuna allows
+        # only inside optimize(); the trial's state is stored all the same (tell's `finally`), and
+        # the driver checks is_exhausted() itself.
+        if "Study.stop" not in str(err):
+            raise
+    if result.retried:
+        return queue_retry(study, _frozen(study, trial.number), max_retries)
+    return False
+
+
+def _frozen(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+
+
+STATES = {"pruned": optuna.trial.TrialState.PRUNED, "fail": optuna.trial.TrialState.FAIL}

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
 def gradient_checkpointing(value: Any) -> Any:
     """Sweep-file values ("unsloth", "true", "false", bools) as the loaders take them."""
     return {"true": True, "false": False}.get(value, value) if isinstance(value, str) else value

@@ -1,7 +1,9 @@
 """The fault-injection hook: a documented test hook that makes a trial process fail for real.
 
 ``HARNESS_FAULTS="1:sigkill@3,2:nan@2"`` makes trial 1 kill itself with SIGKILL after step 3 and
-trial 2 turn its weights to NaN after step 2. Each fault acts after the named optimizer step:
+trial 2 turn its weights to NaN after step 2. Each fault acts after the named optimizer step;
+step 0 means before the model loads (a process that dies before training), and ``*`` in place of
+a trial number means every trial:
 
 ==========  ===================================================================================
 sigkill     the process sends itself SIGKILL (a crash with no traceback, no result file)
@@ -41,8 +43,8 @@ def planned(trial_number: int, spec: str | None = None) -> Fault | None:
         kind, _, step = rest.partition("@")
         if kind not in KINDS:
             raise ValueError(f"HARNESS_FAULTS: unknown fault '{kind}' in '{item}'; known: {', '.join(KINDS)}")
-        if int(number) == trial_number:
-            return Fault(kind, int(step or 1))
+        if number == "*" or int(number) == trial_number:
+            return Fault(kind, int(step or 1) if step != "0" else 0)
     return None
 
 

@@ -20,7 +20,8 @@ from harness.params import TrainParams
 from harness.worker import backends
 from harness.worker.batching import Row, batches, collate, load_rows, pack, predicted_tokens  # noqa: F401
 from harness.worker.distributed import Dist, init_distributed  # noqa: F401
-from harness.worker.metrics import is_out_of_memory, memory_in_use, peak_memory  # noqa: F401
+from harness.worker.metrics import (failure_message, is_out_of_memory, memory_in_use, peak_memory,  # noqa: F401
+                                    reset_peak_memory)
 
 EVAL_BATCH_SIZE = 8  # fixed across trials so every trial's validation loss is computed alike
 

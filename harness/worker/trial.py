@@ -3,20 +3,22 @@
 The driver has already asked Optuna for the trial (its parameters are in the storage). This
 process loads the study from ``HARNESS_STORAGE_URL`` (an environment variable, so a password never
 shows in a process list or a file), trains, reports validation loss to the trial at each
-evaluation, stops when the pruner says so, stores its metrics as the trial's user attributes,
-and writes ``trials/<n>/result.json`` for the driver, which then tells Optuna how it ended.
+evaluation and stops when the pruner says so. It ends by writing its record, a
+:class:`~harness.records.TrialResult`, to ``trials/<n>/result.json``: the driver alone turns that
+into the trial's final state in the storage.
 
-Progress goes as JSON lines to the file descriptor in ``HARNESS_PROGRESS_FD`` when set.
+Progress goes as JSON lines to the named pipe in ``HARNESS_PROGRESS`` (``harness.launch.progress``).
 
-``python -m harness.worker.trial --standby STUDY_DIR`` is a trial process started before its trial: it
-imports the training stack, then reads the trial's number from stdin (see ``launcher.Standby``).
+``python -m harness.worker.trial --standby STUDY_DIR`` is a trial process started before its
+trial: it imports the training stack, then reads its trial's number from stdin
+(``harness.launch.standby``).
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import os
+import socket
 import sys
 import time
 import traceback
@@ -26,24 +28,11 @@ from typing import Any, Callable
 os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from harness.files import write_json_atomic  # noqa: E402
+from harness.files import write_text_atomic  # noqa: E402
+from harness.launch.progress import PATH_ENV, ProgressWriter  # noqa: E402
+from harness.records import Metrics, TrialResult  # noqa: E402
 
 Send = Callable[..., None]  # send(event, **fields): progress to the driver
-
-
-class FdProgress:
-    """JSON lines to the driver through an inherited file descriptor or an append-only file
-    (``HARNESS_PROGRESS_FILE``, under torchrun); silent without either."""
-
-    def __init__(self, fd: str | None, path: str | None = None) -> None:
-        self.out = os.fdopen(int(fd), "w", buffering=1) if fd else open(path, "a", buffering=1) if path else None
-
-    def __call__(self, event: str, **fields: Any) -> None:
-        if self.out is not None:
-            try:
-                self.out.write(json.dumps({"event": event, **fields}) + "\n")
-            except OSError:
-                self.out = None  # the driver went away; training goes on and the result file remains
 
 
 def import_training_stack() -> None:
@@ -56,9 +45,9 @@ def import_training_stack() -> None:
     from harness.worker import loop  # noqa: F401  (unsloth, then torch)
     import optuna  # noqa: F401
 
-    from harness.worker import faults, trackers
-    from harness.data import prepare
+    from harness.data import prepare  # noqa: F401
     from harness.sweep import study  # noqa: F401
+    from harness.worker import faults, trackers  # noqa: F401
 
     if os.environ.get("WANDB_MODE") != "disabled":
         try:
@@ -68,20 +57,26 @@ def import_training_stack() -> None:
     gc.freeze()
 
 
-def run_trial(study_dir: Path, number: int, progress: Send, started_at: float,
-              preimport_s: float | None = None) -> dict[str, Any]:
+class _Stage:
+    """Where the trial is, so a failure can say whether training had begun."""
+
+    reached_training = False
+
+
+def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, stage: _Stage,
+              preimport_s: float | None = None) -> TrialResult:
     t0 = time.perf_counter()
     import_training_stack()  # instant when a fork server or a standby process did it already
     import_s = time.perf_counter() - t0
     t_setup = time.perf_counter()
-    import optuna
 
-    from harness.worker import faults
-    from harness.worker import loop as T
-    from harness.sweep.config import SweepConfig
     from harness.data.prepare import Prepared
+    from harness.sweep import best
+    from harness.sweep.config import SweepConfig
     from harness.sweep.storage import trial_handle
     from harness.sweep.study import load_study, trial_params
+    from harness.worker import faults
+    from harness.worker import loop as T
     from harness.worker.trackers import WandbTracker
 
     cfg = SweepConfig.model_validate_json((study_dir / "sweep.json").read_text())
@@ -98,19 +93,17 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float,
     lead = dist.rank == 0
     # Only the lead rank talks to Optuna, W&B and the driver; the others train their share.
     trial = trial_handle(study, frozen) if lead else None
-    if lead:
-        trial.set_user_attr("pid", os.getpid())  # which process ran it (a retry runs in another)
-    else:
+    if not lead:
         progress = lambda *a, **k: None  # noqa: E731
-    metrics: dict[str, Any] = {
-        "device": device, "gpu_name": T.torch.cuda.get_device_name() if device == "cuda" else None,
-        "dtype": str(dtype).removeprefix("torch."), "import_s": round(import_s, 3),
-        "spawn_s": round(time.time() - started_at - (time.perf_counter() - t0), 3),
-    }
+    record = TrialResult(number=number, outcome="error", seed=cfg.seed, host=socket.gethostname(), pid=os.getpid())
+    m: Metrics = record.metrics
+    m.update(device=device, gpu_name=T.torch.cuda.get_device_name() if device == "cuda" else None,
+             dtype=str(dtype).removeprefix("torch."), import_s=round(import_s, 3),
+             spawn_s=round(time.time() - started_at - (time.perf_counter() - t0), 3), world_size=dist.world)
     if preimport_s is not None:  # a standby process imported before its trial came
-        metrics["preimport_s"] = round(preimport_s, 3)
+        m.preimport_s = round(preimport_s, 3)
+    T.reset_peak_memory(device)
     if device == "cuda":
-        T.torch.cuda.reset_peak_memory_stats()
         if cfg.memory_budget_mib:
             # Enforced by the allocator: going over raises an out-of-memory error in this trial.
             total = T.torch.cuda.get_device_properties(0).total_memory / 2**20
@@ -121,9 +114,11 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float,
     with WandbTracker(wandb_cfg, cfg.study, number, tracker_config, study_dir / "wandb") as tracker:
         progress("phase", phase="loading")
         # Reading the config and the study, and starting the W&B run.
-        metrics["setup_s"] = round(time.perf_counter() - t_setup, 3)
+        m.setup_s = round(time.perf_counter() - t_setup, 3)
         t0 = time.perf_counter()
         model = None
+        if fault and fault.step == 0:
+            faults.inject(fault, model, device, tracker)
         try:
             model, tokenizer = T.load_lora_model(
                 prepared.model_dir, params, max_seq_length=cfg.max_seq_length, dtype=dtype,
@@ -131,7 +126,7 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float,
                 checkpointing=cfg.model.gradient_checkpointing, seed=cfg.seed,
             )
             train_rows, val_rows = T.load_rows(prepared.train_tokens), T.load_rows(prepared.val_tokens)
-            metrics["load_s"] = round(time.perf_counter() - t0, 3)
+            m.load_s = round(time.perf_counter() - t0, 3)
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
             def on_step(step: int, total: int, loss: float) -> None:
@@ -150,7 +145,8 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float,
 
             # Fixed cost: from the driver starting this trial (spawn, fork or handing it to a
             # standby) to the first training step.
-            metrics["fixed_s"] = round(time.time() - started_at, 3)
+            m.fixed_s = round(time.time() - started_at, 3)
+            stage.reached_training = record.reached_training = True
             progress("phase", phase="training")
             result = T.train(
                 model, train_rows, val_rows, params, pad_id=pad_id, device=device, seed=cfg.seed,
@@ -161,55 +157,40 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float,
         except Exception as err:  # noqa: BLE001 - only out-of-memory is handled here; the rest re-raises
             if not T.is_out_of_memory(err):
                 raise
-            # Out of memory is a property of this configuration, not a failure: the trial is recorded
-            # as infeasible (an Optuna constraint), so the sampler learns to avoid the region.
-            metrics.update(T.peak_memory(device), mem_at_failure_mib=T.memory_in_use(device),
-                           oom_error=str(err).splitlines()[0][:300], outcome="oom")
-            over_budget = bool(cfg.memory_budget_mib and device == "cuda")
+            # Out of memory is a property of this configuration, not a failure: the driver records
+            # the trial as infeasible (an Optuna constraint), so the sampler learns to avoid it.
+            m.update(**T.peak_memory(device), mem_at_failure_mib=T.memory_in_use(device),
+                     oom_error=T.failure_message(err))
             if not lead:
                 raise
-            trial.set_constraint("memory_budget" if over_budget else "oom", 1.0)
-            for key, value in metrics.items():
-                trial.set_user_attr(key, value)
-            tracker.summarize(metrics)
-            return {"state": "oom", "value": None, "metrics": metrics,
-                    "reason": f"out of memory: {metrics['oom_error']}"}
+            tracker.summarize(m.present())
+            record.outcome, record.reason = "oom", f"out of memory: {m.oom_error}"
+            return record
         for h in result.history:
             tracker.log({"train_loss": h["train_loss"], "tokens_per_s": h["tokens_per_s"]}, step=h["step"])
-        metrics.update(T.peak_memory(device))
-        per_rank = dist.gather(metrics["peak_mem_mib"])
-        metrics.update(world_size=dist.world, peak_mem_mib_per_gpu=per_rank, peak_mem_mib=max(per_rank))
-        metrics.update(
+        m.update(**T.peak_memory(device))
+        per_rank = dist.gather(m.peak_mem_mib)
+        m.update(
+            peak_mem_mib_per_gpu=per_rank, peak_mem_mib=max(per_rank),
             tokens_per_s_per_gpu=result.tokens_per_s and round(result.tokens_per_s / dist.world, 1),
             val_loss=result.val_loss, tokens_per_s=result.tokens_per_s and round(result.tokens_per_s, 1),
             padded_tokens_per_s=result.padded_tokens_per_s and round(result.padded_tokens_per_s, 1),
             train_s=round(result.train_s, 3), eval_s=round(result.eval_s, 3), steps=result.steps,
             total_steps=result.total_steps, tokens_trained=result.tokens_trained,
         )
-        state = "pruned" if result.stopped_early else "complete"
-        metrics["outcome"] = state
+        record.outcome, record.value = ("pruned" if result.stopped_early else "complete"), result.val_loss
         if not lead:
-            return {"state": state, "value": result.val_loss, "metrics": metrics, "rank": dist.rank}
-        if cfg.memory_budget_mib and metrics["peak_mem_mib"] > cfg.memory_budget_mib:
+            return record
+        if cfg.memory_budget_mib and m.peak_mem_mib > cfg.memory_budget_mib:
             # On CPU the budget is checked against peak RSS once the trial is done.
-            trial.set_constraint("memory_budget", metrics["peak_mem_mib"] - cfg.memory_budget_mib)
-            metrics["outcome"] = "over_budget"
-        tracker.summarize(metrics)
-        for key, value in metrics.items():
-            trial.set_user_attr(key, value)
-        if metrics["outcome"] == "complete" and _beats_best(study, result.val_loss, cfg.objective.direction):
+            record.outcome = "over_budget"
+            record.reason = f"peak memory {m.peak_mem_mib:,.0f} MiB is over memory_budget_mib {cfg.memory_budget_mib:,.0f}"
+        tracker.summarize(m.present())
+        if record.outcome == "complete" and best.may_become_best(study, result.val_loss):
             # Only a trial that may become the best keeps its adapter; the driver promotes it to best/.
             model.save_pretrained(str(trial_dir / "adapter"))
             tokenizer.save_pretrained(str(trial_dir / "adapter"))
-    return {"state": state, "value": result.val_loss, "metrics": metrics}
-
-
-def _beats_best(study, value: float, direction: str) -> bool:
-    try:
-        best = study.best_value
-    except ValueError:  # no complete trial yet
-        return True
-    return value < best if direction == "minimize" else value > best
+    return record
 
 
 def die_with_parent() -> None:
@@ -224,31 +205,40 @@ def die_with_parent() -> None:
 
 
 def execute(study_dir: Path, number: int, progress: Send, started_at: float, preimport_s: float | None = None) -> int:
-    """Run one trial and write ``trials/<n>/result.json``; 0 on success, 1 on a failure it caught."""
+    """Run one trial and write its record to ``trials/<n>/result.json``; 0 on success, 1 on a
+    failure it caught (the record says which)."""
     die_with_parent()
     result_file = study_dir / "trials" / str(number) / "result.json"
     result_file.parent.mkdir(parents=True, exist_ok=True)
     rank = int(os.environ.get("RANK", "0"))
+    stage = _Stage()
     try:
-        result = run_trial(study_dir, number, progress, started_at, preimport_s)
+        record = run_trial(study_dir, number, progress, started_at, stage, preimport_s)
+        code = 0
     except Exception as err:  # noqa: BLE001 - the reason goes to the driver, which marks the trial FAIL
         traceback.print_exc()
-        if rank != 0:
-            return 1
-        kind = "nonfinite_loss" if type(err).__name__ == "NonFiniteLoss" else type(err).__name__
-        write_json_atomic(result_file, {"state": "fail", "reason": f"{kind}: {err}"})
-        return 1
+        if not stage.reached_training:
+            outcome = "infrastructure"  # nothing about the config was tried: the driver retries it
+        elif type(err).__name__ == "NonFiniteLoss":
+            outcome = "nonfinite_loss"
+        else:
+            outcome = "error"
+        record = TrialResult(number=number, outcome=outcome, reason=f"{type(err).__name__}: {err}",
+                             host=socket.gethostname(), pid=os.getpid(), reached_training=stage.reached_training)
+        code = 1
     if rank == 0:
-        write_json_atomic(result_file, result)
-    import torch.distributed
+        write_text_atomic(result_file, record.to_json())
+    if "torch.distributed" in sys.modules:
+        import torch.distributed
 
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    return 0
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return code
 
 
-def standby(study_dir: Path, progress: Send) -> int:
-    """Import now; then run the trial whose number (and hand-over time) arrives on stdin."""
+def standby(study_dir: Path) -> int:
+    """Import now; then run the trial whose number, hand-over time and progress channel arrive on
+    stdin. The driver has already made this process's log the trial's."""
     die_with_parent()
     t0 = time.perf_counter()
     import_training_stack()
@@ -256,36 +246,19 @@ def standby(study_dir: Path, progress: Send) -> int:
     words = sys.stdin.readline().split()
     if not words:
         return 0  # closed: the study needed no more trials
-    number, started_at = int(words[0]), float(words[1])
-    # From here this is trial <number>: its log starts with what the imports printed.
-    standby_log = Path(os.environ.pop("HARNESS_STANDBY_LOG"))
-    log = study_dir / "trials" / str(number) / "log.txt"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    with log.open("wb") as out:
-        try:
-            out.write(standby_log.read_bytes())
-        except OSError:
-            pass
-    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    standby_log.unlink(missing_ok=True)
-    return execute(study_dir, number, progress, started_at, preimport_s)
+    number, started_at, channel = int(words[0]), float(words[1]), words[2]
+    return execute(study_dir, number, ProgressWriter(channel), started_at, preimport_s)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry for a spawned trial process (``python -m harness.worker.trial STUDY_DIR N``) or a standby one
-    (``python -m harness.worker.trial --standby STUDY_DIR``)."""
+    """Entry for a spawned or forked trial process (``STUDY_DIR N``) or a standby one
+    (``--standby STUDY_DIR``)."""
     args = argv or sys.argv[1:]
-    progress = FdProgress(os.environ.get("HARNESS_PROGRESS_FD"), os.environ.get("HARNESS_PROGRESS_FILE"))
     if args[0] == "--standby":
-        return standby(Path(args[1]), progress)
+        return standby(Path(args[1]))
     study_dir, number = args[:2]
-    started_at = float(os.environ.get("HARNESS_SPAWNED_AT", time.time()))
-    return execute(Path(study_dir), int(number), progress, started_at)
+    started_at = float(os.environ.get("HARNESS_STARTED_AT", time.time()))
+    return execute(Path(study_dir), int(number), ProgressWriter(os.environ.get(PATH_ENV)), started_at)
 
 
 if __name__ == "__main__":

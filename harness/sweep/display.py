@@ -1,0 +1,84 @@
+"""The live view of a running study (rich): trials done of total with the best so far, and each
+running trial's progress, one line per slot (a GPU of the pool, or the single slot)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import optuna
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from harness.records import TrialResult
+from harness.sweep.best import best_trial
+
+
+def format_params(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+class Display:
+    def __init__(self, console: Console, total: int, done: int, slots: list[str]):
+        self.console = console
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, transient=False,
+        )
+        self.trials = self.progress.add_task("trials", total=total, completed=done)
+        self.steps = {slot: self.progress.add_task("", total=1, visible=False) for slot in slots}
+        self.tag = {slot: (escape(f"[gpu {slot}] ") if len(slots) > 1 or "," in slot else "") for slot in slots}
+        self.best: str = "-"
+        self.lock = threading.Lock()
+
+    def __enter__(self) -> "Display":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def start_trial(self, slot: str, number: int, params: dict[str, Any], retry_of: int | None = None) -> None:
+        again = f" (again: trial {retry_of} did not get to train)" if retry_of is not None else ""
+        self.console.print(f"{self.tag[slot]}[bold]trial {number}[/] {format_params(params)}{again}")
+        self.progress.update(self.steps[slot], description=f"  {self.tag[slot]}trial {number}: starting",
+                             completed=0, total=1, visible=True)
+
+    def on_event(self, slot: str, number: int, ev: dict) -> None:
+        kind, task, tag = ev.get("event"), self.steps[slot], self.tag[slot]
+        if kind == "phase":
+            self.progress.update(task, description=f"  {tag}trial {number}: {ev['phase']}")
+        elif kind == "step":
+            self.progress.update(task, completed=ev["step"], total=ev["total"],
+                                 description=f"  {tag}trial {number}: step loss {ev['loss']:.3f}")
+        elif kind == "eval":
+            self.console.print(f"  {tag}trial {number} step {ev['step']:>4}  val_loss {ev['val_loss']:.4f}"
+                               + ("  → prune" if ev["prune"] else ""))
+
+    def end_trial(self, slot: str, result: TrialResult, study: optuna.Study, retried: bool) -> None:
+        m, tag, number = result.metrics, self.tag[slot], result.number
+        if result.state == "fail":
+            first = (result.reason or "").splitlines()[0] if result.reason else ""
+            then = " [yellow]: it will run again[/]" if retried else ""
+            self.console.print(f"  {tag}[red]trial {number} failed[/]: {escape(first)}{then}")
+        elif result.outcome == "oom":
+            self.console.print(f"  {tag}trial {number} [yellow]infeasible[/]: out of memory at "
+                               f"{m.mem_at_failure_mib or 0:,.0f} MiB (peak {m.peak_mem_mib or 0:,.0f} MiB)")
+        else:
+            self.console.print(
+                f"  {tag}trial {number} [green]{result.outcome}[/] val_loss {result.value:.4f}  "
+                f"{m.tokens_per_s or 0:,.0f} tok/s  peak {m.peak_mem_mib or 0:,.0f} MiB  train {m.train_s or 0:.1f}s"
+                + ("  [yellow]over the memory budget: infeasible[/]" if result.outcome == "over_budget" else "")
+            )
+        with self.lock:
+            best = best_trial(study)
+            if best is not None:
+                self.best = f"{best.value:.4f} (trial {best.number})"
+            self.progress.update(self.steps[slot], visible=False)
+            if not retried:
+                self.progress.update(self.trials, advance=1, description=f"trials  best val_loss {self.best}")
+
+    def waiting(self, running: int) -> None:
+        self.console.print(f"no new trials to start: waiting for the {running} running trial(s) to finish "
+                           f"(here or on other workers)")
