@@ -160,6 +160,44 @@ def test_ctrl_c_marks_the_trial_and_writes_the_tables(tmp_path, harness_cache):
           and trials[1].user_attrs["outcome"] == "interrupted" and (study_dir / "trials.parquet").exists()
           and "interrupted" in (study_dir / "summary.md").read_text())
     assert survived("ctrl-c", ok), out
+    # The same command again: the interrupted trial's parameters run again in its place, and it
+    # does not count towards n_trials.
+    again = run(["run", str(tmp_path / "s.yaml"), "--results-dir", str(tmp_path / "results")])
+    assert again.returncode == 0, again.stdout + again.stderr
+    trials = load(study_dir).trials
+    done = [t for t in trials if t.state == State.COMPLETE]
+    assert len(done) == 3 and len(trials) == 4, [(t.number, t.state) for t in trials]
+    assert trials[2].params == trials[1].params and trials[2].system_attrs["failed_trial"] == 1
+    assert not list((study_dir / "wandb").rglob("*.wandb")) or all(
+        f.stat().st_size > 7 for f in (study_dir / "wandb").rglob("*.wandb")), "no empty W&B run is left"
+
+
+def test_a_trial_that_dies_before_training_is_retried_and_not_counted(tmp_path, harness_cache):
+    sweep = dict(SWEEP, study="infra", n_trials=2)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))
+    proc = run(["run", str(tmp_path / "s.yaml"), "--results-dir", str(tmp_path / "results")],
+               env={"HARNESS_FAULTS": "0:sigkill@0"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    trials = load(tmp_path / "results" / "infra").trials
+    ok = ([t.state for t in trials] == [State.FAIL, State.COMPLETE, State.COMPLETE]
+          and trials[0].user_attrs["outcome"] == "infrastructure" and trials[1].params == trials[0].params
+          and "ended before training" in trials[0].user_attrs["reason"]
+          and "[harness] trial 0: process" in trials[0].user_attrs["reason"])  # the log's tail is in the reason
+    assert survived("dies before training", ok), [(t.number, t.state, t.user_attrs.get("reason")) for t in trials]
+    assert "it will run again" in proc.stdout
+
+
+def test_a_study_whose_trials_cannot_run_stops_and_exits_non_zero(tmp_path, harness_cache):
+    sweep = dict(SWEEP, study="broken", n_trials=4)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))
+    proc = run(["run", str(tmp_path / "s.yaml"), "--results-dir", str(tmp_path / "results")],
+               env={"HARNESS_FAULTS": "*:sigkill@0"})
+    trials = load(tmp_path / "results" / "broken").trials
+    # The first trial and its one retry (max_retries: 1) died before training: no more are tried.
+    ok = (proc.returncode == 1 and len(trials) == 2 and all(t.state == State.FAIL for t in trials)
+          and "could not get to train" in proc.stdout and "killed by signal 9" in proc.stdout)
+    assert survived("no trial can run", ok), proc.stdout + proc.stderr
+    assert (tmp_path / "results" / "broken" / "summary.md").exists(), "the tables are written all the same"
 
 
 def test_memory_budget_makes_a_trial_infeasible(tmp_path, harness_cache):

@@ -31,7 +31,7 @@ def test_standby_processes_import_before_their_trial_and_leave_nothing(tmp_path,
         # The import ran before the trial was handed over: none of it is in the trial's import_s,
         # and the hand-over waited at most for what was left of it (on CPU a tiny trial ends
         # before the next standby's import does).
-        assert m["preimport_s"] > 1.0 and m["import_s"] < 0.5, m
+        assert m["start_method"] == "standby" and m["preimport_s"] > m["import_s"], m
         assert m["spawn_s"] < m["preimport_s"], m
         parts = m["spawn_s"] + m["import_s"] + m["setup_s"] + m["load_s"]
         assert parts - 0.01 <= m["fixed_s"] < parts + 0.5, m  # the parts, each rounded to ms
@@ -57,7 +57,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_standby_that_died_before_its_trial_is_replaced_by_a_spawned_process(tmp_path, harness_cache):
-    from harness.launch.launcher import Standby, TrialProcess
+    from harness.launch import StandbyLauncher
 
     run_cli("run", str(_sweep(tmp_path)), "--results-dir", str(tmp_path / "r"))  # a prepared study to add to
     study_dir = tmp_path / "r" / "dead"
@@ -65,14 +65,17 @@ def test_a_standby_that_died_before_its_trial_is_replaced_by_a_spawned_process(t
     study = optuna.load_study(study_name="dead", storage=storage)
     trial = study.ask({"batch_size": optuna.distributions.CategoricalDistribution([2, 4]),
                        "learning_rate": optuna.distributions.FloatDistribution(1e-3, 1e-2, log=True)})
-    standby = Standby(study_dir, storage)
-    standby.proc.kill()
-    standby.proc.wait()
     events = []
-    outcome = TrialProcess(study_dir, trial.number, storage, "standby", standby=standby).run(events.append)
-    assert outcome.state == "complete", outcome.reason
-    assert "preimport_s" not in outcome.metrics and outcome.metrics["import_s"] > 0.5, "it was spawned"
+    with StandbyLauncher(study_dir, storage, {"0": {}}, hang_timeout_s=None) as launcher:
+        standby = launcher._waiting["0"]
+        standby.proc.kill()
+        standby.proc.wait()
+        result = launcher.run(trial.number, "0", lambda n, ev: events.append(ev))
+    assert result.outcome == "complete", result.reason
+    assert result.start_method == "spawn" and result.metrics.preimport_s is None, "it was spawned"
     assert any(e.get("phase") == "training" for e in events)
+    log = (study_dir / "trials" / str(trial.number) / "log.txt").read_text()
+    assert "the standby process for this trial had ended" in log, "what the standby printed is the trial's"
     assert not list((study_dir / "trials").glob("standby-*"))
 
 

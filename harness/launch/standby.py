@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness.launch.base import Launcher, child_env
+from harness.launch.base import child_env
 from harness.launch.progress import PATH_ENV
 from harness.launch.spawn import Popened, SpawnLauncher, trial_command
 

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from harness import params
 from harness.records import METRIC_TYPES, RECORD_TYPES
 from harness.sweep.best import best_trial
 
-from harness.files import write_text_atomic
+from harness.files import atomic_path, write_text_atomic
 from harness.sweep.storage import default_storage, make_storage
 from harness.sweep.study import superseded
 
@@ -166,10 +165,9 @@ def plot_curves(study: optuna.Study, out: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, out)
 
 
 def study_name(study_dir: Path) -> str:
@@ -194,9 +192,8 @@ def build_report(study_dir: Path, storage_url: str | None = None) -> dict[str, P
         raise KeyError(f"the storage holds no study named '{name}'") from None
     df = trials_frame(study)
     out = {"parquet": study_dir / "trials.parquet", "summary": study_dir / "summary.md", "plot": study_dir / "curves.png"}
-    tmp = out["parquet"].with_suffix(".tmp.parquet")
-    df.write_parquet(tmp)
-    os.replace(tmp, out["parquet"])
+    with atomic_path(out["parquet"]) as tmp:
+        df.write_parquet(tmp)
     write_text_atomic(out["summary"], summary_markdown(study, df))
     plot_curves(study, out["plot"])
     return out

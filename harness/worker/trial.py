@@ -23,7 +23,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -93,6 +93,10 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
     lead = dist.rank == 0
     # Only the lead rank talks to Optuna, W&B and the driver; the others train their share.
     trial = trial_handle(study, frozen) if lead else None
+    if lead:
+        # While it runs, which process runs the trial (a retry runs in another): what a person or
+        # a test needs to find it. Its final record is the driver's to write.
+        trial.set_user_attr("pid", os.getpid())
     if not lead:
         progress = lambda *a, **k: None  # noqa: E731
     record = TrialResult(number=number, outcome="error", seed=cfg.seed, host=socket.gethostname(), pid=os.getpid())
@@ -208,6 +212,7 @@ def execute(study_dir: Path, number: int, progress: Send, started_at: float, pre
     """Run one trial and write its record to ``trials/<n>/result.json``; 0 on success, 1 on a
     failure it caught (the record says which)."""
     die_with_parent()
+    print(f"[harness] trial {number}: process {os.getpid()} on {socket.gethostname()}", flush=True)
     result_file = study_dir / "trials" / str(number) / "result.json"
     result_file.parent.mkdir(parents=True, exist_ok=True)
     rank = int(os.environ.get("RANK", "0"))
@@ -223,7 +228,8 @@ def execute(study_dir: Path, number: int, progress: Send, started_at: float, pre
             outcome = "nonfinite_loss"
         else:
             outcome = "error"
-        record = TrialResult(number=number, outcome=outcome, reason=f"{type(err).__name__}: {err}",
+        what = "nonfinite_loss" if outcome == "nonfinite_loss" else type(err).__name__
+        record = TrialResult(number=number, outcome=outcome, reason=f"{what}: {err}",
                              host=socket.gethostname(), pid=os.getpid(), reached_training=stage.reached_training)
         code = 1
     if rank == 0:

@@ -1,0 +1,51 @@
+"""The package's layout keeps its promises: the driver's side never imports the training stack."""
+
+import subprocess
+import sys
+
+from conftest import ROOT
+
+TORCH_FREE = ["harness.cli", "harness.params", "harness.records", "harness.errors", "harness.files",
+              "harness.sweep.config", "harness.sweep.study", "harness.sweep.storage", "harness.sweep.driver",
+              "harness.sweep.display", "harness.sweep.report", "harness.sweep.best", "harness.sweep.wandb_check",
+              "harness.launch", "harness.bench.runner"]
+
+
+def test_the_sweep_launch_and_bench_driver_modules_import_without_torch():
+    # torch made unimportable: any import of it (or of unsloth/transformers/peft, which need it) fails.
+    code = ("import sys\nfor name in ('torch', 'unsloth', 'transformers', 'peft'):\n    sys.modules[name] = None\n"
+            + "".join(f"import {m}\n" for m in TORCH_FREE)
+            + "from harness.sweep.report import build_report\n"
+            "print('ok', sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'unsloth', 'transformers')"
+            " and sys.modules[m] is not None))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "ok []"
+
+
+def test_one_table_of_hyperparameters():
+    """The sweep file's search space, the study's typing and the training parameters are one table."""
+    import dataclasses
+
+    from harness import params
+    from harness.sweep.config import SearchSpace
+
+    assert list(SearchSpace.model_fields) == [f.name for f in dataclasses.fields(params.TrainParams)]
+    assert params.INTEGER == {"batch_size", "grad_accum", "lora_r", "lora_alpha", "epochs"}
+    assert params.typed({"batch_size": 4.0, "packing": 1, "learning_rate": 1}) == {
+        "batch_size": 4, "packing": True, "learning_rate": 1.0}
+
+
+def test_a_record_round_trips_and_names_its_state():
+    import pytest
+
+    from harness.records import TrialResult
+
+    r = TrialResult(number=3, outcome="oom", reason="out of memory", metrics={"peak_mem_mib": 10.5, "steps": 2})
+    again = TrialResult.from_json(r.to_json())
+    assert again == r and again.state == "infeasible" and not again.retried
+    assert r.user_attrs() == {"outcome": "oom", "reason": "out of memory", "reached_training": False,
+                              "peak_mem_mib": 10.5, "steps": 2}
+    assert TrialResult(number=1, outcome="infrastructure").retried
+    with pytest.raises(ValueError, match="unknown outcome"):
+        TrialResult(number=1, outcome="exploded")
