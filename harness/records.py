@@ -25,6 +25,7 @@ OUTCOME_STATE: dict[str, State] = {
     "pruned": "pruned",
     "oom": "infeasible",          # out of memory: a property of the config, an Optuna constraint
     "over_budget": "infeasible",  # over memory_budget_mib
+    "not_converged": "infeasible",  # time_to_target: the target loss not reached within the budget
     "crash": "fail",              # ended without a result (signal, segfault, exit)
     "hang": "fail",               # no progress for budget.hang_timeout_s: killed
     "nonfinite_loss": "fail",
@@ -59,8 +60,14 @@ class Metrics:
     train_s: float | None = None
     eval_s: float | None = None
     steps: int | None = None
-    total_steps: int | None = None
     tokens_trained: int | None = None
+    examples_trained: int | None = None
+    budget_unit: str | None = None   # tokens | examples | steps (an epochs budget is counted in tokens)
+    budget: float | None = None
+    best_val_loss: float | None = None
+    time_to_target: float | None = None  # tokens or seconds (objective.measure); None: not reached
+    seed_values: list[float] | None = None  # the objective per seed, when seeds > 1
+    value_std: float | None = None      # their standard deviation (n - 1)
     fixed_s: float | None = None
     spawn_s: float | None = None
     import_s: float | None = None
@@ -88,7 +95,8 @@ class TrialResult:
     reason: str | None = None        # why it failed or is infeasible, one line first
     log_tail: str | None = None      # the last lines of trials/<n>/log.txt
     start_method: str | None = None  # fork | standby | spawn | torchrun
-    seed: int | None = None
+    seed: int | None = None          # the trial's seed (the first, when seeds > 1)
+    seeds: list[int] | None = None
     host: str | None = None
     pid: int | None = None
     reached_training: bool = False   # False: the process died before its first step

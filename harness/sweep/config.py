@@ -153,17 +153,74 @@ class DatasetConfig(_Strict):
 
 
 class Budget(_Strict):
-    """Per trial: at most ``max_steps`` optimizer steps (and at most ``epochs`` passes)."""
+    """How much data each trial trains on, the same for every trial, so that trials are compared
+    at equal data whatever their batch size. At most one of:
 
+    - ``tokens``: non-padding training tokens (the default kind);
+    - ``examples``: training rows (packed sequences when packing);
+    - ``epochs``: passes over the training split, counted in its tokens;
+    - ``max_steps``: optimizer steps, an explicit choice: a step of a larger batch holds more
+      data, so a step budget favours large batches (the summary says so).
+
+    With none given, one epoch. A trial also stops after ``search_space.epochs`` passes.
+    ``eval_every`` is in the budget's unit (default: a fifth of the budget): every trial is
+    validated, and reports to the pruner, at the same data milestones.
+    """
+
+    tokens: int | None = Field(default=None, gt=0)
+    examples: int | None = Field(default=None, gt=0)
+    epochs: float | None = Field(default=None, gt=0)
     max_steps: int | None = Field(default=None, gt=0)
-    eval_every: int = Field(default=10, gt=0)
+    eval_every: float | None = Field(default=None, gt=0)
     timing_warmup_steps: int = Field(default=2, ge=0)
     hang_timeout_s: float | None = Field(default=900, gt=0)  # no progress for this long: killed, marked failed
 
+    @model_validator(mode="after")
+    def _one_kind(self) -> "Budget":
+        given = [k for k in ("tokens", "examples", "epochs", "max_steps") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one budget, not {' and '.join(given)}")
+        if self.eval_every is not None and self.eval_every > self.amount():
+            raise ValueError(f"eval_every ({self.eval_every:g}) is more than the budget "
+                             f"({self.amount():g} {self.unit()})")
+        return self
+
+    def unit(self) -> str:
+        """tokens, examples, epochs or steps."""
+        if self.max_steps is not None:
+            return "steps"
+        return next((k for k in ("tokens", "examples") if getattr(self, k) is not None), "epochs")
+
+    def amount(self) -> float:
+        return {"tokens": self.tokens, "examples": self.examples, "steps": self.max_steps}.get(
+            self.unit(), self.epochs if self.epochs is not None else 1.0)
+
+    def describe(self) -> str:
+        cadence = f", validated every {self.eval_every:,g}" if self.eval_every else ", validated 5 times"
+        return f"{self.amount():,g} {self.unit()} per trial{cadence}"
+
 
 class Objective(_Strict):
-    metric: Literal["val_loss"] = "val_loss"
+    """``val_loss`` (the last validation loss), or ``time_to_target``: the training tokens (or
+    seconds, evaluation included) a trial needs to reach validation loss ``target``, MLPerf
+    style; a trial that does not reach it within the budget is recorded as not converged, with
+    its best loss, and is never the best."""
+
+    metric: Literal["val_loss", "time_to_target"] = "val_loss"
     direction: Literal["minimize", "maximize"] = "minimize"
+    target: float | None = None
+    measure: Literal["tokens", "seconds"] = "tokens"
+
+    @model_validator(mode="after")
+    def _target(self) -> "Objective":
+        if self.metric == "time_to_target":
+            if self.target is None:
+                raise ValueError("time_to_target needs target: the validation loss to reach")
+            if self.direction != "minimize":
+                raise ValueError("time_to_target is minimized")
+        elif self.target is not None:
+            raise ValueError("target goes with metric: time_to_target")
+        return self
 
 
 class SamplerConfig(_Strict):
@@ -203,6 +260,7 @@ class WandbConfig(_Strict):
 class SweepConfig(_Strict):
     study: str = Field(min_length=1)
     seed: int = 0
+    seeds: int = Field(default=1, ge=1)  # > 1: each config trains once per seed; the objective is their mean
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # auto: fork where no NVIDIA GPU is visible, standby where one is (see harness/launcher.py)
     start_method: Literal["auto", "fork", "standby", "spawn"] = "auto"

@@ -50,10 +50,11 @@ class Display:
         if kind == "phase":
             self.progress.update(task, description=f"  {tag}trial {number}: {ev['phase']}")
         elif kind == "step":
-            self.progress.update(task, completed=ev["step"], total=ev["total"],
-                                 description=f"  {tag}trial {number}: step loss {ev['loss']:.3f}")
+            self.progress.update(task, completed=round(1000 * ev["done"]), total=1000,
+                                 description=f"  {tag}trial {number}: step {ev['step']} loss {ev['loss']:.3f}")
         elif kind == "eval":
-            self.console.print(f"  {tag}trial {number} step {ev['step']:>4}  val_loss {ev['val_loss']:.4f}"
+            seed = f" seed {ev['seed']}" if ev.get("seed") is not None else ""
+            self.console.print(f"  {tag}trial {number}{seed} at {ev['step']:>8,}  val_loss {ev['val_loss']:.4f}"
                                + ("  → prune" if ev["prune"] else ""))
 
     def end_trial(self, slot: str, result: TrialResult, study: optuna.Study, retried: bool) -> None:
@@ -62,22 +63,26 @@ class Display:
             first = (result.reason or "").splitlines()[0] if result.reason else ""
             then = " [yellow]: it will run again[/]" if retried else ""
             self.console.print(f"  {tag}[red]trial {number} failed[/]: {escape(first)}{then}")
+        elif result.outcome == "not_converged":
+            self.console.print(f"  {tag}trial {number} [yellow]not converged[/]: best val_loss {m.best_val_loss:.4f}")
         elif result.outcome == "oom":
             self.console.print(f"  {tag}trial {number} [yellow]infeasible[/]: out of memory at "
                                f"{m.mem_at_failure_mib or 0:,.0f} MiB (peak {m.peak_mem_mib or 0:,.0f} MiB)")
         else:
+            spread = f" ± {m.value_std:.4f} over {len(m.seed_values)} seeds" if m.seed_values else ""
+            ttt = f"  time to target {m.time_to_target:,.0f}" if m.time_to_target is not None else ""
             self.console.print(
-                f"  {tag}trial {number} [green]{result.outcome}[/] val_loss {result.value:.4f}  "
+                f"  {tag}trial {number} [green]{result.outcome}[/] val_loss {m.val_loss:.4f}{spread}{ttt}  "
                 f"{m.tokens_per_s or 0:,.0f} tok/s  peak {m.peak_mem_mib or 0:,.0f} MiB  train {m.train_s or 0:.1f}s"
                 + ("  [yellow]over the memory budget: infeasible[/]" if result.outcome == "over_budget" else "")
             )
         with self.lock:
             best = best_trial(study)
             if best is not None:
-                self.best = f"{best.value:.4f} (trial {best.number})"
+                self.best = f"{best.value:,.4g} (trial {best.number})"
             self.progress.update(self.steps[slot], visible=False)
             if not retried:
-                self.progress.update(self.trials, advance=1, description=f"trials  best val_loss {self.best}")
+                self.progress.update(self.trials, advance=1, description=f"trials  best {study.metric_names[0] if study.metric_names else 'val_loss'} {self.best}")
 
     def waiting(self, running: int) -> None:
         self.console.print(f"no new trials to start: waiting for the {running} running trial(s) to finish "

@@ -106,14 +106,19 @@ def run_sweep(
 
     # Workers share a study: each samples with its own seed (its process id mixed in), so two
     # workers started alike do not propose the same parameters.
-    study = create_study(cfg, storage_url, sampler_seed=cfg.seed * 100_003 + os.getpid() if worker else None)
+    study = create_study(cfg, storage_url, worker=os.getpid() if worker else 0)
     fail_stale(study)
     done = finished_count(study)
-    console.print(f"study [bold]{cfg.study}[/]: {done} of {cfg.n_trials} trials finished; storage {redact(storage_url)}")
+    console.print(f"study [bold]{cfg.study}[/]: {done} of {cfg.n_trials} trials finished; storage {redact(storage_url)}; "
+                  f"budget {cfg.budget.describe()}" + (f", {cfg.seeds} seeds per config" if cfg.seeds > 1 else ""))
     if done >= cfg.n_trials and not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,
                                                                               optuna.trial.TrialState.RUNNING)):
         return 0
     cfg = _wandb_for_study(cfg, study_dir, console)
+    # What the report states from the storage alone: how much data a trial gets, what is ranked.
+    study.set_user_attr("budget", {"unit": cfg.budget.unit(), "amount": cfg.budget.amount(),
+                                   "eval_every": cfg.budget.eval_every, "text": cfg.budget.describe(),
+                                   "seeds": cfg.seeds, "objective": cfg.objective.model_dump()})
     # The storage URL may hold a password: it goes to trial processes by environment only.
     write_json_atomic(study_dir / "sweep.json", cfg.model_dump(mode="json", exclude={"storage"}))
 
@@ -156,7 +161,8 @@ def run_sweep(
             running.pop(slot, None)
             if stop.is_set():
                 return
-            retried = record_result(study, trial, result, cfg.fault_tolerance.max_retries, driver_id, cfg.memory_budget_mib)
+            retried = record_result(study, trial, result, cfg.fault_tolerance.max_retries, driver_id, cfg.memory_budget_mib,
+                                    cfg.objective.target)
             promote(study, study_dir, trial.number)
             if result.outcome in ("crash", "hang", "infrastructure"):
                 remove_empty_runs(study_dir / "wandb")  # a killed trial's W&B run holds nothing

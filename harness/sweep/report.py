@@ -96,19 +96,44 @@ def marginals(df: pl.DataFrame, param_cols: list[str]) -> pl.DataFrame:
     return pl.concat(parts) if parts else pl.DataFrame()
 
 
+def budget_lines(study: optuna.Study) -> list[str]:
+    """What every trial was given and how trials are ranked, in words."""
+    b = study.user_attrs.get("budget")
+    if not b:
+        return []
+    lines = [f"Budget: {b['text']}."]
+    if b["unit"] == "steps":
+        lines.append("A step budget gives a trial with a larger batch more data, so it favours large batches; "
+                     "`budget: {tokens: N}` compares trials at equal data.")
+    else:
+        lines.append(f"Every trial trains on the same amount of data and is validated and pruned at the same "
+                     f"{'token' if b['unit'] in ('tokens', 'epochs') else 'example'} milestones.")
+    o = b["objective"]
+    if o["metric"] == "time_to_target":
+        lines.append(f"Objective: {o['measure']} to reach validation loss {o['target']:g} (lower is better); "
+                     f"a trial that does not reach it is not converged and never the best.")
+    if b.get("seeds", 1) > 1:
+        lines.append(f"Each config ran with {b['seeds']} seeds; its value is their mean, ± their standard deviation.")
+    return [" ".join(lines)]
+
+
 def summary_markdown(study: optuna.Study, df: pl.DataFrame) -> str:
     param_cols = [c for c in df.columns if c.startswith("param_")]
     counts = df.group_by("outcome").len().sort("outcome")
     lines = [f"# Study `{study.study_name}`", "",
-             "Trials: " + ", ".join(f"{s} {n}" for s, n in counts.iter_rows()), ""]
+             "Trials: " + ", ".join(f"{s} {n}" for s, n in counts.iter_rows()), "", *budget_lines(study), ""]
     complete = df.filter((pl.col("outcome") == "complete") & pl.col("feasible")).sort(
-        "val_loss", descending=study.direction == optuna.study.StudyDirection.MAXIMIZE)
-    shown = ["number", "val_loss", "tokens_per_s", "peak_mem_mib", "train_s", *param_cols]
+        "value", descending=study.direction == optuna.study.StudyDirection.MAXIMIZE)
+    extra = [c for c in ("time_to_target", "value_std") if df.get_column(c).drop_nulls().len()]
+    shown = ["number", "val_loss", *extra, "tokens_per_s", "peak_mem_mib", "train_s", *param_cols]
     chosen = best_trial(study)
     if chosen is not None:
         best = df.filter(pl.col("number") == chosen.number).row(0, named=True)
         lines += ["## Best trial", "",
-                  f"Trial {best['number']}: validation loss **{best['val_loss']:.4f}**, "
+                  f"Trial {best['number']}: validation loss **{best['val_loss']:.4f}**"
+                  + (f" ± {best['value_std']:.4f} over seeds" if best["value_std"] is not None else "")
+                  + (f", time to target **{best['time_to_target']:,.0f}**" if best["time_to_target"] is not None else "")
+                  + ", "
                   f"{best['tokens_per_s'] or 0:,.0f} tokens/s, peak memory {best['peak_mem_mib'] or 0:,.0f} MiB "
                   f"on {best['gpu_name'] or best['device']}.", "",
                   "Parameters: " + ", ".join(f"`{c.removeprefix('param_')}={best[c]:g}`" for c in param_cols), "",
@@ -161,7 +186,9 @@ def plot_curves(study: optuna.Study, out: Path) -> None:
     for state, c in colors.items():
         if state in shown:
             ax.plot([], [], color=c, label=state.lower())
-    ax.set(xlabel="optimizer step", ylabel="validation loss", title=f"{study.study_name}: validation loss by trial")
+    unit = (study.user_attrs.get("budget") or {}).get("unit", "steps")
+    ax.set(xlabel={"tokens": "training tokens", "epochs": "training tokens", "examples": "training examples"}.get(
+        unit, "optimizer step"), ylabel="validation loss", title=f"{study.study_name}: validation loss by trial")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -69,13 +69,23 @@ def trial_params(trial: optuna.trial.BaseTrial | optuna.trial.FrozenTrial, cfg: 
     return params.typed({**cfg.search_space.fixed(), **trial.params})
 
 
-def create_study(cfg: SweepConfig, storage_url: str, sampler_seed: int | None = None) -> optuna.Study:
-    """The driver's handle on the study: with heartbeats, so dead drivers' trials get retried."""
-    return optuna.create_study(
-        study_name=cfg.study, storage=make_storage(storage_url, cfg.fault_tolerance),
-        sampler=make_sampler(cfg, sampler_seed),
-        pruner=make_pruner(cfg), direction=cfg.objective.direction, load_if_exists=True,
-    )
+def run_seed(study_seed: int, trials_so_far: int, worker: int = 0) -> int:
+    """The sampler's seed for one run of the driver: derived from the study's seed and how many
+    trials the study already holds (and the worker, when several share it), so a resumed study
+    draws new parameters instead of replaying the first run's, and stays reproducible."""
+    return (study_seed * 1_000_003 + trials_so_far * 7919 + worker) % 2**32
+
+
+def create_study(cfg: SweepConfig, storage_url: str, worker: int = 0) -> optuna.Study:
+    """The driver's handle on the study: with heartbeats, so dead drivers' trials get retried, and
+    a sampler seeded for this run (:func:`run_seed`)."""
+    storage = make_storage(storage_url, cfg.fault_tolerance)
+    study = optuna.create_study(study_name=cfg.study, storage=storage, direction=cfg.objective.direction,
+                                load_if_exists=True)
+    study.set_metric_names([cfg.objective.metric])  # so optuna-dashboard labels the objective
+    seed = run_seed(cfg.seed, len(study.get_trials(deepcopy=False)), worker)
+    return optuna.load_study(study_name=cfg.study, storage=storage, sampler=make_sampler(cfg, seed),
+                             pruner=make_pruner(cfg))
 
 
 def load_study(cfg: SweepConfig, storage_url: str) -> optuna.Study:
@@ -124,12 +134,13 @@ def queue_retry(study: optuna.Study, failed: optuna.trial.FrozenTrial, max_retri
 
 
 def record_result(study: optuna.Study, trial: optuna.Trial, result: TrialResult, max_retries: int,
-                  driver: str, memory_budget_mib: float | None = None) -> bool:
+                  driver: str, memory_budget_mib: float | None = None, target: float | None = None) -> bool:
     """Turn a trial's record into its final Optuna state (only the driver calls this).
 
     Complete and pruned trials are told as such; infeasible ones (out of memory, over the memory
     budget) get a constraint and are told COMPLETE with the worst value, so TPE learns to avoid the
-    region (FAIL or PRUNED would skew it) and ``best_trial`` never picks them. Failures are told
+    region (FAIL or PRUNED would skew it) and ``best_trial`` never picks them. A time-to-target
+    trial that did not reach its target is infeasible the same way. Failures are told
     FAIL; those that say nothing about the config (``RETRIED_OUTCOMES``) are queued again.
     Returns whether a retry was queued.
     """
@@ -140,6 +151,10 @@ def record_result(study: optuna.Study, trial: optuna.Trial, result: TrialResult,
         trial.set_constraint("memory_budget", result.metrics.peak_mem_mib - memory_budget_mib)
     elif result.outcome == "oom":
         trial.set_constraint("memory_budget" if memory_budget_mib else "oom", 1.0)
+    elif result.outcome == "not_converged":
+        # How far from the target it stayed: positive, so never feasible, never best.
+        trial.set_constraint("not_converged", max(1e-9, result.metrics.best_val_loss - target)
+                             if target is not None and result.metrics.best_val_loss is not None else 1.0)
     try:
         if result.state == "complete":
             study.tell(trial, result.value)

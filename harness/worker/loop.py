@@ -20,6 +20,7 @@ from harness.params import TrainParams
 from harness.worker import backends
 from harness.worker.batching import Row, batches, collate, load_rows, pack, predicted_tokens  # noqa: F401
 from harness.worker.distributed import Dist, init_distributed  # noqa: F401
+from harness.worker.step import DataBudget, accumulate, lr_factor, seed_everything  # noqa: F401
 from harness.worker.metrics import (failure_message, is_out_of_memory, memory_in_use, peak_memory,  # noqa: F401
                                     reset_peak_memory)
 
@@ -29,10 +30,12 @@ EVAL_BATCH_SIZE = 8  # fixed across trials so every trial's validation loss is c
 @dataclass
 class TrainResult:
     val_loss: float | None = None
-    stopped_early: bool = False  # the step hook asked to stop (Optuna pruned the trial)
+    stopped_by: str | None = None  # what on_eval answered: "pruned" or "converged"; None: ran its budget
+    budget_unit: str = "tokens"
+    budget: float = 0.0
     steps: int = 0
-    total_steps: int = 0
     tokens_trained: int = 0
+    examples_trained: int = 0
     tokens_per_s: float | None = None
     padded_tokens_per_s: float | None = None  # counting padding too: what the GPU actually computed
     train_s: float = 0.0
@@ -100,74 +103,73 @@ def sync(device: str) -> None:
 
 def train(
     model, train_rows, val_rows, p: TrainParams, *, pad_id: int, device: str, seed: int, max_seq_length: int,
-    max_steps: int | None, eval_every: int, timing_warmup_steps: int,
-    on_step: Callable[[int, int, float], None], on_eval: Callable[[int, float], bool], dist: Dist = Dist(),
+    budget: DataBudget, timing_warmup_steps: int,
+    on_step: Callable[[int, float, float], None], on_eval: Callable[[int, float], str | None], dist: Dist = Dist(),
 ) -> TrainResult:
-    """Train with AdamW and a linear warm-up/decay; validate every ``eval_every`` steps and at the end.
+    """Train with AdamW until the data budget is spent (or ``p.epochs`` passes over the data),
+    validating at each of the budget's milestones.
 
-    ``on_eval(step, val_loss)`` returning True stops training (the trial was pruned). Validation
-    always runs on the unpacked rows, so packed and padded trials are compared alike.
+    The learning rate warms up and decays over the budget's data (``step.lr_factor``).
+    ``on_eval(milestone, val_loss)`` returning a reason (``"pruned"``, ``"converged"``) stops
+    training. Validation always runs on the unpacked rows, so packed and padded trials are
+    compared alike.
     """
     if p.packing:
         train_rows = pack(train_rows, max_seq_length)
-    if len(train_rows) < p.batch_size:
+    if len(train_rows) < p.batch_size * dist.world:
         raise ValueError(f"the training split has {len(train_rows)} rows, fewer than one batch of {p.batch_size}")
-    steps_per_epoch = max(1, len(train_rows) // (p.batch_size * p.grad_accum * dist.world))
-    total = p.epochs * steps_per_epoch if max_steps is None else min(max_steps, p.epochs * steps_per_epoch)
-    warmup = int(p.warmup_ratio * total)
+    max_examples = p.epochs * (len(train_rows) // (p.batch_size * dist.world)) * p.batch_size * dist.world
     trainable = [t for t in model.parameters() if t.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=p.learning_rate, weight_decay=p.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
-    )
-    result = TrainResult(total_steps=total)
+    result = TrainResult(budget_unit=budget.unit, budget=budget.total)
     stream = batches(train_rows, p.batch_size, seed)
     timed_tokens, timed_padded, timed_s = 0, 0, 0.0
+    next_eval = 1
     model.train()
-    for step in range(1, total + 1):
+    while True:
+        progress = budget.position(result.tokens_trained, result.examples_trained, result.steps) / budget.total
+        for group in opt.param_groups:
+            group["lr"] = p.learning_rate * lr_factor(progress, p.warmup_ratio)
         sync(device)
         t0 = time.perf_counter()
         micro = [collate([next(stream) for _ in range(dist.world)][dist.rank], pad_id, device)
                  for _ in range(p.grad_accum)]
-        counts = [predicted_tokens(b) for b in micro]
-        n_total = max(1, dist.sum(sum(counts))[0])
-        step_loss = 0.0
-        for b, n in zip(micro, counts):
-            # Weight each micro-batch by its share of the step's tokens (on all ranks): the step's
-            # loss is the token mean, whatever the batch sizes and padding.
-            loss = model(**b).loss * (n / n_total)
-            loss.backward()
-            step_loss += float(loss.detach())
-        step_loss = dist.sum(step_loss)[0]
+        step_loss, _ = accumulate(model, micro, dist)
         if not math.isfinite(step_loss):
-            raise NonFiniteLoss(f"loss became {step_loss} at step {step}")
+            raise NonFiniteLoss(f"loss became {step_loss} at step {result.steps + 1}")
         dist.sum_gradients(trainable)
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
-        sched.step()
         opt.zero_grad(set_to_none=True)
         sync(device)
         dt = time.perf_counter() - t0
         tokens, padded = (int(x) for x in dist.sum(sum(int(b["attention_mask"].sum()) for b in micro),
                                                     sum(b["attention_mask"].numel() for b in micro)))
+        result.steps += 1
         result.tokens_trained += tokens
+        result.examples_trained += p.batch_size * p.grad_accum * dist.world
         result.train_s += dt
-        if step > timing_warmup_steps or total <= timing_warmup_steps:
+        if result.steps > timing_warmup_steps:
             timed_tokens, timed_padded, timed_s = timed_tokens + tokens, timed_padded + padded, timed_s + dt
-        result.steps = step
-        on_step(step, total, step_loss)
-
-        if step % eval_every == 0 or step == total:
+        position = budget.position(result.tokens_trained, result.examples_trained, result.steps)
+        on_step(result.steps, min(1.0, position / budget.total), step_loss)
+        done = position >= budget.total or result.examples_trained >= max_examples
+        if position >= budget.milestone(next_eval) or done:
+            while next_eval < budget.milestones() and position >= budget.milestone(next_eval + 1):
+                next_eval += 1  # a step larger than the cadence passes several milestones at once
+            milestone = budget.milestone(next_eval) if not done else int(round(min(position, budget.total)))
             t0 = time.perf_counter()
             result.val_loss = evaluate(model, val_rows, pad_id, device, dist)
             result.eval_s += time.perf_counter() - t0
-            result.tokens_per_s = timed_tokens / timed_s if timed_s else None
-            result.padded_tokens_per_s = timed_padded / timed_s if timed_s else None
-            result.history.append({"step": step, "train_loss": step_loss, "val_loss": result.val_loss,
-                                   "tokens_per_s": result.tokens_per_s})
-            if dist.decide(on_eval(step, result.val_loss)) and step < total:
-                result.stopped_early = True
-                break
-    return result
-
-
+            if timed_s:
+                result.tokens_per_s, result.padded_tokens_per_s = timed_tokens / timed_s, timed_padded / timed_s
+            elif result.train_s:  # too few steps to leave the warm-up out
+                result.tokens_per_s = result.tokens_trained / result.train_s
+            result.history.append({"step": result.steps, "milestone": milestone, "train_loss": step_loss,
+                                   "val_loss": result.val_loss, "tokens_per_s": result.tokens_per_s,
+                                   "tokens": result.tokens_trained, "seconds": result.train_s + result.eval_s})
+            next_eval += 1
+            stop = dist.decide(on_eval(milestone, result.val_loss))
+            if stop or done:
+                result.stopped_by = stop or None
+                return result

@@ -113,51 +113,53 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
             total = T.torch.cuda.get_device_properties(0).total_memory / 2**20
             T.torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.memory_budget_mib / total))
     fault = faults.planned(number)
-    tracker_config = {**vars(params), "model": cfg.model.name, "seed": cfg.seed, "max_seq_length": cfg.max_seq_length}
+    seeds = [cfg.seed + i for i in range(cfg.seeds)]
+    record.seeds = seeds if len(seeds) > 1 else None
+    budget = data_budget(cfg, prepared.stats["train"]["tokens"])
+    time_to_target = cfg.objective.metric == "time_to_target"
+    tracker_config = {**vars(params), "model": cfg.model.name, "seed": cfg.seed, "seeds": seeds,
+                      "max_seq_length": cfg.max_seq_length, "budget": cfg.budget.describe()}
     wandb_cfg = cfg.wandb if lead else cfg.wandb.model_copy(update={"mode": "disabled"})
     with WandbTracker(wandb_cfg, cfg.study, number, tracker_config, study_dir / "wandb") as tracker:
         progress("phase", phase="loading")
         # Reading the config and the study, and starting the W&B run.
         m.setup_s = round(time.perf_counter() - t_setup, 3)
-        t0 = time.perf_counter()
-        model = None
+        model = train_rows = val_rows = None
         if fault and fault.step == 0:
             faults.inject(fault, model, device, tracker)
+        results: list[T.TrainResult] = []
         try:
-            model, tokenizer = T.load_lora_model(
-                prepared.model_dir, params, max_seq_length=cfg.max_seq_length, dtype=dtype,
-                load_in_4bit=cfg.model.load_in_4bit, target_modules=cfg.model.target_modules,
-                checkpointing=cfg.model.gradient_checkpointing, seed=cfg.seed,
-            )
-            train_rows, val_rows = T.load_rows(prepared.train_tokens), T.load_rows(prepared.val_tokens)
-            m.load_s = round(time.perf_counter() - t0, 3)
-            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-            def on_step(step: int, total: int, loss: float) -> None:
-                progress("step", step=step, total=total, loss=loss)
-                if fault and step == fault.step:
-                    faults.inject(fault, model, device, tracker)
-
-            def on_eval(step: int, val_loss: float) -> bool:
-                if not lead:
-                    return False  # rank 0's decision reaches every rank
-                trial.report(val_loss, step)
-                tracker.log({"val_loss": val_loss}, step=step)
-                prune = bool(trial.should_prune())
-                progress("eval", step=step, val_loss=val_loss, prune=prune)
-                return prune
-
-            # Fixed cost: from the driver starting this trial (spawn, fork or handing it to a
-            # standby) to the first training step.
-            m.fixed_s = round(time.time() - started_at, 3)
-            stage.reached_training = record.reached_training = True
-            progress("phase", phase="training")
-            result = T.train(
-                model, train_rows, val_rows, params, pad_id=pad_id, device=device, seed=cfg.seed,
-                max_seq_length=cfg.max_seq_length,
-                max_steps=cfg.budget.max_steps, eval_every=cfg.budget.eval_every,
-                timing_warmup_steps=cfg.budget.timing_warmup_steps, on_step=on_step, on_eval=on_eval, dist=dist,
-            )
+            for index, seed in enumerate(seeds):
+                t0 = time.perf_counter()
+                # One seed governs everything random in this run: model and LoRA init, dropout,
+                # and (through the batch stream's own generator) the data order.
+                T.seed_everything(seed)
+                del model
+                model, tokenizer = T.load_lora_model(
+                    prepared.model_dir, params, max_seq_length=cfg.max_seq_length, dtype=dtype,
+                    load_in_4bit=cfg.model.load_in_4bit, target_modules=cfg.model.target_modules,
+                    checkpointing=cfg.model.gradient_checkpointing, seed=seed,
+                )
+                if train_rows is None:
+                    train_rows, val_rows = T.load_rows(prepared.train_tokens), T.load_rows(prepared.val_tokens)
+                    m.load_s = round(time.perf_counter() - t0, 3)
+                pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+                on_step, on_eval = _hooks(index, len(seeds), seed, lead, trial, tracker, progress, fault, cfg,
+                                          lambda: model, device, time_to_target)
+                if index == 0:
+                    # Fixed cost: from the driver starting this trial (spawn, fork or handing it to
+                    # a standby) to the first training step.
+                    m.fixed_s = round(time.time() - started_at, 3)
+                    stage.reached_training = record.reached_training = True
+                    progress("phase", phase="training")
+                result = T.train(
+                    model, train_rows, val_rows, params, pad_id=pad_id, device=device, seed=seed,
+                    max_seq_length=cfg.max_seq_length, budget=budget,
+                    timing_warmup_steps=cfg.budget.timing_warmup_steps, on_step=on_step, on_eval=on_eval, dist=dist,
+                )
+                results.append(result)
+                if result.stopped_by == "pruned":
+                    break  # pruned on its first seed's curve: the other seeds are not run
         except Exception as err:  # noqa: BLE001 - only out-of-memory is handled here; the rest re-raises
             if not T.is_out_of_memory(err):
                 raise
@@ -170,19 +172,23 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
             tracker.summarize(m.present())
             record.outcome, record.reason = "oom", f"out of memory: {m.oom_error}"
             return record
-        for h in result.history:
-            tracker.log({"train_loss": h["train_loss"], "tokens_per_s": h["tokens_per_s"]}, step=h["step"])
+        first = results[0]
+        for h in first.history:
+            tracker.log({"train_loss": h["train_loss"], "tokens_per_s": h["tokens_per_s"]}, step=h["milestone"])
         m.update(**T.peak_memory(device))
         per_rank = dist.gather(m.peak_mem_mib)
+        # Throughput and amounts are those of the first seed's run (each seed trains the same
+        # budget); times add up over seeds.
         m.update(
             peak_mem_mib_per_gpu=per_rank, peak_mem_mib=max(per_rank),
-            tokens_per_s_per_gpu=result.tokens_per_s and round(result.tokens_per_s / dist.world, 1),
-            val_loss=result.val_loss, tokens_per_s=result.tokens_per_s and round(result.tokens_per_s, 1),
-            padded_tokens_per_s=result.padded_tokens_per_s and round(result.padded_tokens_per_s, 1),
-            train_s=round(result.train_s, 3), eval_s=round(result.eval_s, 3), steps=result.steps,
-            total_steps=result.total_steps, tokens_trained=result.tokens_trained,
+            tokens_per_s_per_gpu=first.tokens_per_s and round(first.tokens_per_s / dist.world, 1),
+            tokens_per_s=first.tokens_per_s and round(first.tokens_per_s, 1),
+            padded_tokens_per_s=first.padded_tokens_per_s and round(first.padded_tokens_per_s, 1),
+            train_s=round(sum(r.train_s for r in results), 3), eval_s=round(sum(r.eval_s for r in results), 3),
+            steps=first.steps, tokens_trained=first.tokens_trained, examples_trained=first.examples_trained,
+            budget_unit=budget.unit, budget=budget.total,
         )
-        record.outcome, record.value = ("pruned" if result.stopped_early else "complete"), result.val_loss
+        _objective(record, results, cfg, len(seeds))
         if not lead:
             return record
         if cfg.memory_budget_mib and m.peak_mem_mib > cfg.memory_budget_mib:
@@ -190,11 +196,81 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
             record.outcome = "over_budget"
             record.reason = f"peak memory {m.peak_mem_mib:,.0f} MiB is over memory_budget_mib {cfg.memory_budget_mib:,.0f}"
         tracker.summarize(m.present())
-        if record.outcome == "complete" and best.may_become_best(study, result.val_loss):
-            # Only a trial that may become the best keeps its adapter; the driver promotes it to best/.
+        if record.outcome == "complete" and best.may_become_best(study, record.value):
+            # Only a trial that may become the best keeps its adapter (the last seed's); the
+            # driver promotes it to best/.
             model.save_pretrained(str(trial_dir / "adapter"))
             tokenizer.save_pretrained(str(trial_dir / "adapter"))
     return record
+
+
+def data_budget(cfg, train_tokens: int):
+    """The sweep's budget in a unit the loop counts: an epochs budget becomes tokens (the same
+    amount of data for every trial, packed or padded)."""
+    from harness.worker.step import DataBudget
+
+    b = cfg.budget
+    unit, amount = b.unit(), b.amount()
+    every = b.eval_every or amount / 5
+    if unit == "epochs":
+        return DataBudget("tokens", amount * train_tokens, every * train_tokens)
+    if unit == "steps":
+        every = max(1, round(every))
+    return DataBudget(unit, amount, every)
+
+
+def _hooks(index, n_seeds, seed, lead, trial, tracker, progress, fault, cfg, model, device, time_to_target):
+    """The loop's step and evaluation hooks for seed number ``index``. Only the first seed's
+    curve goes to the pruner (the others run only if it was not pruned)."""
+    from harness.worker import faults
+
+    def on_step(step: int, done: float, loss: float) -> None:
+        progress("step", step=step, done=(index + done) / n_seeds, loss=loss)
+        if fault and step == fault.step and index == 0:
+            faults.inject(fault, model(), device, tracker)
+
+    def on_eval(milestone: int, val_loss: float) -> str | None:
+        if not lead:
+            return None  # rank 0's decision reaches every rank
+        prune = False
+        if index == 0:
+            trial.report(val_loss, milestone)
+            tracker.log({"val_loss": val_loss}, step=milestone)
+            prune = bool(trial.should_prune())
+        converged = time_to_target and val_loss <= cfg.objective.target
+        progress("eval", step=milestone, val_loss=val_loss, prune=prune, seed=seed if n_seeds > 1 else None)
+        return "converged" if converged else "pruned" if prune else None
+
+    return on_step, on_eval
+
+
+def _objective(record: TrialResult, results: list, cfg, n_seeds: int) -> None:
+    """The trial's outcome and objective value from its seeds' runs: the mean over seeds of the
+    last validation loss, or of the time to target (tokens or seconds, evaluation included)."""
+    import statistics
+
+    m = record.metrics
+    losses = [r.val_loss for r in results]
+    m.val_loss = statistics.fmean(losses)
+    m.best_val_loss = min(h["val_loss"] for r in results for h in r.history)
+    if results[0].stopped_by == "pruned":
+        record.outcome, record.value = "pruned", results[0].val_loss
+        return
+    if cfg.objective.metric == "time_to_target":
+        key = "tokens" if cfg.objective.measure == "tokens" else "seconds"
+        times = [r.history[-1][key] if r.stopped_by == "converged" else None for r in results]
+        if None in times:
+            record.outcome = "not_converged"
+            record.reason = (f"not converged: validation loss {cfg.objective.target:g} not reached within the budget "
+                             f"(best {m.best_val_loss:.4f})")
+            return
+        values = [float(t) for t in times]
+        m.time_to_target = statistics.fmean(values)
+    else:
+        values = losses
+    record.outcome, record.value = "complete", statistics.fmean(values)
+    if n_seeds > 1:
+        m.seed_values, m.value_std = values, statistics.stdev(values)
 
 
 def die_with_parent() -> None:
