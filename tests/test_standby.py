@@ -37,7 +37,7 @@ def test_standby_processes_import_before_their_trial_and_leave_nothing(tmp_path,
         assert parts - 0.01 <= m["fixed_s"] < parts + 0.5, m  # the parts, each rounded to ms
         log = (study_dir / "trials" / str(t.number) / "log.txt").read_text()
         assert "Unsloth" in log, "the log starts with what the standby's imports printed"
-        assert json.loads((study_dir / "trials" / str(t.number) / "result.json").read_text())["state"] == "complete"
+        assert json.loads((study_dir / "trials" / str(t.number) / "result.json").read_text())["outcome"] == "complete"
     assert len(pids) == 3, "one process per trial"
     # The last standby (started while the last trial ran) was closed; no standby log is left.
     assert not list((study_dir / "trials").glob("standby-*"))
