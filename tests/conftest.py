@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,30 +40,64 @@ def _pg_bin(name: str) -> str:
     return found[-1]
 
 
-@pytest.fixture(scope="session")
-def postgres_url():
-    """A real PostgreSQL server on a free loopback port, with a password, for this test session."""
-    import shutil
-    import socket
-    import tempfile
+class PostgresServer:
+    """A real PostgreSQL server on a free loopback port, with a password: ``url`` to reach it,
+    ``restart()`` to bounce it as an operator would (``pg_ctl restart -m fast``: every session is
+    ended, the server is back a moment later on the same port)."""
 
-    # Not under pytest's tmp folder: that is private to root, and the server runs as postgres.
-    root = Path(tempfile.mkdtemp(prefix="harness-pg-"))
-    data, pwfile = root / "data", root / "pw"
-    pwfile.write_text(PG_PASSWORD)
-    shutil.chown(root, "postgres")
-    shutil.chown(pwfile, "postgres")
-    as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    subprocess.run([*as_pg, _pg_bin("initdb"), "-D", str(data), "-U", "harness", "--auth=scram-sha-256",
-                    f"--pwfile={pwfile}"], check=True, capture_output=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    subprocess.run([*as_pg, _pg_bin("pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "-o",
-                    f"-p {port} -k {root} -h 127.0.0.1", "start"], check=True, capture_output=True)
-    env = dict(os.environ, PGPASSWORD=PG_PASSWORD)
-    subprocess.run([_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "harness", "studies"],
-                   check=True, capture_output=True, env=env)
-    yield f"postgresql://harness:{PG_PASSWORD}@127.0.0.1:{port}/studies"
-    subprocess.run([*as_pg, _pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
-    shutil.rmtree(root, ignore_errors=True)
+    def __init__(self):
+        import shutil
+        import socket
+        import tempfile
+
+        # Not under pytest's tmp folder: that is private to root, and the server runs as postgres.
+        self.root = Path(tempfile.mkdtemp(prefix="harness-pg-"))
+        self.data, pwfile = self.root / "data", self.root / "pw"
+        pwfile.write_text(PG_PASSWORD)
+        shutil.chown(self.root, "postgres")
+        shutil.chown(pwfile, "postgres")
+        self.as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run([*self.as_pg, _pg_bin("initdb"), "-D", str(self.data), "-U", "harness",
+                        "--auth=scram-sha-256", f"--pwfile={pwfile}"], check=True, capture_output=True)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self._pg_ctl("start")
+        env = dict(os.environ, PGPASSWORD=PG_PASSWORD)
+        subprocess.run([_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "harness", "studies"],
+                       check=True, capture_output=True, env=env)
+        self.url = f"postgresql://harness:{PG_PASSWORD}@127.0.0.1:{self.port}/studies"
+
+    def _pg_ctl(self, *args: str) -> None:
+        subprocess.run([*self.as_pg, _pg_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.root / "log"), "-w",
+                        "-o", f"-p {self.port} -k {self.root} -h 127.0.0.1", *args], check=True, capture_output=True)
+
+    def restart(self, down_s: float = 0) -> None:
+        """``pg_ctl restart -m fast``; with ``down_s``, stopped that long before it starts again."""
+        if not down_s:
+            self._pg_ctl("-m", "fast", "restart")
+            return
+        self._pg_ctl("-m", "fast", "stop")
+        time.sleep(down_s)
+        self._pg_ctl("start")
+
+    def stop(self) -> None:
+        import shutil
+
+        subprocess.run([*self.as_pg, _pg_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One PostgreSQL server for this test session (see :class:`PostgresServer`)."""
+    server = PostgresServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres):
+    """The URL of this test session's PostgreSQL server, with its password."""
+    return postgres.url

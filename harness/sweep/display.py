@@ -40,7 +40,7 @@ class Display:
         self.progress.__exit__(*exc)
 
     def start_trial(self, slot: str, number: int, params: dict[str, Any], retry_of: int | None = None) -> None:
-        again = f" (again: trial {retry_of} did not get to train)" if retry_of is not None else ""
+        again = f" (a retry of trial {retry_of})" if retry_of is not None else ""
         self.console.print(f"{self.tag[slot]}[bold]trial {number}[/] {format_params(params)}{again}")
         self.progress.update(self.steps[slot], description=f"  {self.tag[slot]}trial {number}: starting",
                              completed=0, total=1, visible=True)
