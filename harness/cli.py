@@ -90,6 +90,15 @@ def _cmd_eval(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _cmd_rerun(args: argparse.Namespace, console: Console) -> int:
+    from harness.sweep.rerun import rerun
+
+    result, report = rerun(Path(args.study_dir), args.top, args.seeds, console, args.storage)
+    console.print(report.read_text(), markup=False, highlight=False)
+    console.print(f"wrote {report}")
+    return 0 if result["ranked"] else 1
+
+
 def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
     from harness.bench import runner as bench
 
@@ -149,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="output folder (default: <results-dir>/bench/<name>)")
     b.add_argument("--results-dir", default="results")
     b.set_defaults(func=_cmd_bench)
+    rr = sub.add_parser("rerun", help="retrain the top configs with fresh seeds: is the best distinguishable?")
+    rr.add_argument("study_dir", help="results/<study>")
+    rr.add_argument("--top", type=int, default=2, help="how many of the best configs (default 2)")
+    rr.add_argument("--seeds", type=int, default=3, help="fresh seeds per config (default 3)")
+    rr.add_argument("--storage", help="storage URL when the study is not in the folder's study.db")
+    rr.set_defaults(func=_cmd_rerun)
     ev = sub.add_parser("eval", help="reload the best adapter and print its validation loss")
     ev.add_argument("study_dir", help="results/<study>")
     ev.add_argument("--adapter", help="adapter folder (default: <study_dir>/best)")

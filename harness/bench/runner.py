@@ -37,8 +37,8 @@ from harness.sweep.config import ModelConfig, _one_line
 from harness.errors import HarnessError, SweepFileError
 from harness.files import write_json_atomic
 
-HIGHER_IS_BETTER = {"tokens_per_s": True, "mfu": True, "step_s": False, "peak_reserved_mib": False,
-                    "peak_alloc_mib": False, "peak_rss_mib": False}
+HIGHER_IS_BETTER = {"tokens_per_s": True, "mfu": True, "mfu_6n": True, "mfu_measured": True, "step_s": False,
+                    "peak_reserved_mib": False, "peak_alloc_mib": False, "peak_rss_mib": False}
 
 
 class _Strict(BaseModel):
@@ -199,8 +199,8 @@ def run_point(spec: dict[str, Any], workdir: Path, tag: str) -> dict[str, Any]:
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [r for r in runs if r["status"] == "ok"]
     out: dict[str, Any] = {"status": "ok" if ok else runs[0]["status"], "repeats": len(runs), "ok_repeats": len(ok)}
-    for m in ("tokens_per_s", "step_s", "mfu", "peak_alloc_mib", "peak_reserved_mib", "peak_rss_mib",
-              "load_s", "import_s", "spawn_s"):
+    for m in ("tokens_per_s", "step_s", "mfu", "mfu_6n", "mfu_measured", "peak_measured_flops", "flops_per_token",
+              "peak_alloc_mib", "peak_reserved_mib", "peak_rss_mib", "load_s", "import_s", "spawn_s"):
         values = [r[m] for r in ok if r.get(m) is not None]
         if values:
             med = statistics.median(values)
@@ -247,11 +247,21 @@ def fingerprint_diff(a: dict, b: dict) -> list[str]:
     return [f"{k}: baseline {a.get(k)} vs now {b.get(k)}" for k in FINGERPRINT_KEYS if a.get(k) != b.get(k)]
 
 
+def _read_mfu(result: dict) -> dict:
+    """A point's summary with its MFUs under today's names. Results from before the FLOPs were
+    counted as a LoRA step runs them (no ``flops_per_token``) stored PaLM's 6·N figure as ``mfu``:
+    that is today's ``mfu_6n``, and they have no honest ``mfu``."""
+    if "mfu" in result and "flops_per_token" not in result and "mfu_6n" not in result:
+        result = {k: v for k, v in result.items() if k != "mfu"} | {"mfu_6n": result["mfu"]}
+    return result
+
+
 def compare(current: dict, baseline: dict, reg: Regression) -> list[dict[str, Any]]:
     """One row per (point, metric) in the thresholds: verdict ok | regressed | improved | missing."""
     rows = []
     for key, base in baseline["results"].items():
-        cur = current["results"].get(key)
+        base, cur = _read_mfu(base), current["results"].get(key)
+        cur = None if cur is None else _read_mfu(cur)
         for metric, t in reg.thresholds.items():
             row = {"key": key, "metric": metric, "threshold": t}
             if cur is None:
@@ -293,13 +303,16 @@ def markdown(doc: dict, comparison: list[dict] | None = None, warnings: list[str
              f"driver {fp.get('driver')}, CUDA {fp.get('cuda')}; torch {fp.get('torch')}, transformers "
              f"{fp.get('transformers')}, peft {fp.get('peft')}, trl {fp.get('trl')}, unsloth {fp.get('unsloth')}; "
              f"harness {fp.get('harness_version')} at commit {fp.get('harness_commit')}", "",
-             "| point | status | tokens/s median (min–max) | step s | MFU | peak alloc MiB | peak reserved MiB | peak RSS MiB | import s | load s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| point | status | tokens/s median (min–max) | step s | MFU | MFU 6N | MFU (measured peak) | "
+             "peak alloc MiB | peak reserved MiB | peak RSS MiB | import s | load s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     med = lambda r, m: r.get(m, {}).get("median")  # noqa: E731
     for key, r in doc["results"].items():
+        r = _read_mfu(r)
         tps = r.get("tokens_per_s")
         spread = f"{_num(tps['median'])} ({_num(tps['min'])}–{_num(tps['max'])})" if tps else "-"
         lines.append(f"| {key} | {r['status']} | {spread} | {_num(med(r, 'step_s'))} | {_num(med(r, 'mfu'))} | "
+                     f"{_num(med(r, 'mfu_6n'))} | {_num(med(r, 'mfu_measured'))} | "
                      f"{_num(med(r, 'peak_alloc_mib'))} | {_num(med(r, 'peak_reserved_mib'))} | "
                      f"{_num(med(r, 'peak_rss_mib'))} | {_num(med(r, 'import_s'))} | {_num(med(r, 'load_s'))} |")
     pairs = _speedups(doc)
@@ -316,10 +329,36 @@ def markdown(doc: dict, comparison: list[dict] | None = None, warnings: list[str
             change = f"{c['change']:+.1%}" if c.get("change") is not None else c.get("detail", "")
             lines.append(f"| {c['key']} | {c['metric']} | {_num(c.get('baseline'))} | {_num(c.get('current'))} | "
                          f"{change} | {_num(c.get('noise'))} | **{c['verdict']}** |")
-    lines += ["", "tokens/s: batch × sequence length (no padding) over the median step time after warm-up. "
-              "MFU = (6·N + 12·L·H·Q) · tokens/s / peak bf16 FLOP/s (PaLM's estimate; N = parameters "
-              "outside the input embedding, L layers, H hidden size, Q sequence length).", ""]
+    lines += ["", "tokens/s: batch × sequence length (no padding) over the median step time after warm-up.", "",
+              MFU_NOTE + _measured_peaks(doc), ""]
     return "\n".join(lines)
+
+
+# The formula harness.worker.metrics.flops_per_token evaluates (its docstring derives it).
+MFU_NOTE = (
+    "MFU = FLOPs per token · tokens/s / peak bf16 FLOP/s, FLOPs counted as a LoRA step runs them: "
+    "**4·N + 12·L·A·Q + 6·r·L·Σ(d_in + d_out)**, and with gradient checkpointing (which recomputes the "
+    "decoder layers' forward) **+ 2·(N − H·V) + 4·L·A·Q + 2·r·L·Σ(d_in + d_out)**. "
+    "4·N: forward and the activations' gradients through the frozen weights (no weight gradients); "
+    "12·L·A·Q: attention, forward and backward; 6·r·L·Σ(d_in + d_out): the adapters, forward and the "
+    "gradients of their activations and weights. N = parameters outside the input embedding (LM head "
+    "included, adapters not), L layers, H hidden size, V vocabulary, A attention width (heads × head dim), "
+    "Q sequence length, r LoRA rank, Σ over one layer's adapted linear layers (d_in × d_out each). "
+    "MFU 6N: PaLM's conventional 6·N + 12·L·A·Q, which counts weight gradients LoRA never computes, "
+    "as papers report it. Both against the card's data-sheet peak; MFU (measured peak): the real FLOPs "
+    "against a bf16 8192³ matmul timed on the same card in the same process.")
+
+
+def _measured_peaks(doc: dict) -> str:
+    """' Measured peak: X TFLOP/s (data sheet Y).' from the points' medians, or '' where none was measured."""
+    peaks = [r["peak_measured_flops"]["median"] for r in doc["results"].values() if r.get("peak_measured_flops")]
+    if not peaks:
+        return ""
+    datasheet = next((run["peak_flops"] for r in doc["results"].values() for run in r.get("runs", [])
+                      if run.get("peak_flops")), None)
+    spread = f" ({min(peaks) / 1e12:,.0f}–{max(peaks) / 1e12:,.0f} over points)" if len(peaks) > 1 else ""
+    return (f" Measured peak: {statistics.median(peaks) / 1e12:,.0f} TFLOP/s{spread}, data sheet "
+            f"{f'{datasheet / 1e12:,.0f} TFLOP/s' if datasheet else 'unknown'}.")
 
 
 def _speedups(doc: dict) -> list[tuple[str, str, str]]:

@@ -5,6 +5,10 @@ so a baseline must run where it was never loaded). Each step trains on a fixed b
 ``batch_size x seq_len`` random tokens: no padding, so every token counts and every backend
 computes the same work. Memory, out-of-memory and FLOP measurements come from
 ``harness.worker.metrics``, the same code that measures a sweep's trials.
+
+MFU is reported three ways: ``mfu`` (FLOPs a LoRA step really runs, against the data sheet's
+peak), ``mfu_6n`` (PaLM's conventional 6·N + 12·L·A·Q, against the same peak, as papers
+report it) and ``mfu_measured`` (the real FLOPs against a bf16 matmul's measured FLOP/s).
 """
 
 from __future__ import annotations
@@ -52,7 +56,31 @@ def run(spec: dict) -> dict:
     out["unsloth_imported"] = "unsloth" in sys.modules  # must stay False for the hf baseline
     # Peaks last, so they cover loading, training and a failed allocation alike.
     out.update(metrics.memory_peaks(device))
+    _against_measured_peak(device, out)
     return out
+
+
+def _against_measured_peak(device: str, out: dict) -> None:
+    """``peak_measured_flops`` (a large bf16 matmul's FLOP/s on this card) and ``mfu_measured``
+    (the step's model FLOP/s against it); None on CPU and for a point that did not train.
+
+    Measured last, after the memory peaks are read, so its 384 MiB count in no peak and nothing it
+    starts up (cuBLAS's kernel choice) counts in a load or step time; and on a card warm from
+    training, at the clocks the steps ran at.
+    """
+    from harness.worker import metrics
+
+    out.update(peak_measured_flops=None, mfu_measured=None)
+    if device != "cuda" or out["status"] != "ok":
+        return
+    try:
+        peak = metrics.measured_peak_flops(device)
+    except Exception as err:  # noqa: BLE001 - a point's results outweigh this extra figure
+        if not metrics.is_out_of_memory(err):
+            raise
+        return
+    out.update(peak_measured_flops=round(peak),
+               mfu_measured=metrics.mfu(out["flops_per_token"], out["tokens_per_s"], peak))
 
 
 def _train(spec: dict, model_dir: str, device: str, dtype, out: dict) -> None:
@@ -71,6 +99,15 @@ def _train(spec: dict, model_dir: str, device: str, dtype, out: dict) -> None:
     else:
         model, _ = backends.load_hf(model_dir, dtype=dtype, device=device, **lora)
     out["load_s"] = round(time.perf_counter() - t0, 3)
+    # FLOPs per token from the loaded model's shapes (before training: a model this cannot read
+    # fails at once, not after the steps). "unsloth" checkpointing recomputes like "true" does.
+    checkpointing = bool(backends.gradient_checkpointing(spec["gradient_checkpointing"]))
+    shape = metrics.model_shape(model)
+    flops = metrics.flops_per_token(shape, spec["seq_len"], method="lora", checkpointing=checkpointing,
+                                    lora_rank=spec["lora_r"], lora_targets=spec["target_modules"])
+    flops_6n = metrics.flops_per_token(shape, spec["seq_len"], method="full", checkpointing=False)  # PaLM's
+    out.update(flops_per_token=flops, flops_per_token_6n=flops_6n,
+               flops_formula=metrics.flops_formula("lora", checkpointing))
     model.train()
     gen = torch.Generator().manual_seed(spec["seed"])
     ids = torch.randint(0, model.config.vocab_size, (spec["batch_size"], spec["seq_len"]), generator=gen).to(device)
@@ -90,8 +127,10 @@ def _train(spec: dict, model_dir: str, device: str, dtype, out: dict) -> None:
             times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
     tokens_per_s = spec["batch_size"] * spec["seq_len"] / step_s
+    peak = metrics.peak_flops(out["gpu_name"])  # the data sheet's; the measured one comes last, in run()
     out.update(step_s=round(step_s, 5), step_s_all=[round(t, 5) for t in times], tokens_per_s=round(tokens_per_s, 1),
-               loss=float(loss.detach()), mfu=metrics.mfu(model, spec["seq_len"], tokens_per_s, out["gpu_name"]))
+               loss=float(loss.detach()), model_flops_per_s=round(flops * tokens_per_s), peak_flops=peak,
+               mfu=metrics.mfu(flops, tokens_per_s, peak), mfu_6n=metrics.mfu(flops_6n, tokens_per_s, peak))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -102,7 +102,8 @@ def run_sweep(
     study_dir = (results_dir / cfg.study).resolve()
     study_dir.mkdir(parents=True, exist_ok=True)
     storage_url = cfg.storage or default_storage(study_dir)
-    write_json_atomic(study_dir / "study.json", {"study": cfg.study, "storage": redact(storage_url)})
+    write_json_atomic(study_dir / "study.json", {"study": cfg.study, "storage": redact(storage_url),
+                                                  "sweep_dir": str(Path(sweep_dir).resolve())})
 
     # Workers share a study: each samples with its own seed (its process id mixed in), so two
     # workers started alike do not propose the same parameters.

@@ -77,6 +77,9 @@ def accumulate(model, micro_batches: list[dict[str, torch.Tensor]], dist: Dist =
     Each micro-batch's mean loss is weighted by its share of the step's predicted tokens (summed
     over all ranks), so the gradient equals that of the token-mean loss over the whole step,
     whatever the split into micro-batches, their padding or the number of processes.
+
+    With several processes every trainable parameter leaves with a gradient (zeros where this rank
+    had nothing to predict), so ``Dist.sum_gradients`` all-reduces the same tensors on every rank.
     """
     counts = [predicted_tokens(b) for b in micro_batches]
     n_total = max(1, int(dist.sum(float(sum(counts)))[0]))
@@ -87,4 +90,8 @@ def accumulate(model, micro_batches: list[dict[str, torch.Tensor]], dist: Dist =
         loss = model(**batch).loss * (n / n_total)
         loss.backward()
         step_loss += float(loss.detach())
+    if dist.world > 1:
+        for p in model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
     return dist.sum(step_loss)[0], n_total

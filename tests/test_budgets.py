@@ -1,0 +1,117 @@
+"""Comparisons a researcher can trust, on CPU with real trials: equal data whatever the batch
+size, one seed governing a trial (same seed, same loss, exactly), seeds as a noise band, time to
+target, a resumed study that does not replay its parameters, and a rerun of the top configs."""
+
+import optuna
+import polars as pl
+import pytest
+import yaml
+
+from conftest import run_cli
+
+pytestmark = [pytest.mark.timeout(900), pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
+State = optuna.trial.TrialState
+
+BASE = {
+    "model": {"name": "tiny-mistral", "gradient_checkpointing": False},
+    "dataset": {"source": "shakespeare", "max_val_rows": 16}, "max_seq_length": 64,
+    "budget": {"tokens": 1500, "eval_every": 500},
+    "search_space": {"batch_size": 4, "learning_rate": 5e-3, "lora_r": 4},
+    "sampler": {"name": "random"}, "pruner": {"name": "none"}, "n_trials": 1, "wandb": {"mode": "disabled"},
+}
+
+
+def run_study(tmp_path, name, n_trials=None, expect=0, **changes):
+    sweep = {**BASE, **changes, "study": name}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    args = ["run", str(path), "--results-dir", str(tmp_path / "r")]
+    if n_trials:
+        args += ["--n-trials", str(n_trials)]
+    proc = run_cli(*args)
+    assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'r' / name / 'study.db'}")
+    return study, proc
+
+
+def test_trials_of_different_batch_sizes_train_on_the_same_data(tmp_path, harness_cache):
+    study, proc = run_study(tmp_path, "equal", n_trials=2, sampler={"name": "grid"},
+                            search_space={**BASE["search_space"], "batch_size": {"choices": [2, 8]}})
+    small, large = sorted(study.trials, key=lambda t: t.params["batch_size"])
+    for t in (small, large):
+        # At least the budget, and less than one more step of this trial's batch over it.
+        assert 1500 <= t.user_attrs["tokens_trained"] < 1500 + t.params["batch_size"] * 64, t.user_attrs
+    assert small.user_attrs["steps"] > large.user_attrs["steps"] * 2
+    # Reported to the pruner at the same data milestones.
+    assert sorted(small.intermediate_values) == sorted(large.intermediate_values) == [500, 1000, 1500]
+    summary = (tmp_path / "r" / "equal" / "summary.md").read_text()
+    assert "Budget: 1,500 tokens per trial" in summary and "same amount of data" in summary
+
+
+def test_a_step_budget_is_flagged(tmp_path, harness_cache):
+    _, _ = run_study(tmp_path, "steps", budget={"max_steps": 3, "eval_every": 3})
+    assert "favours large batches" in (tmp_path / "r" / "steps" / "summary.md").read_text()
+
+
+def test_one_seed_governs_a_trial_and_seeds_give_a_noise_band(tmp_path, harness_cache):
+    single, _ = run_study(tmp_path, "single")
+    band, proc = run_study(tmp_path, "band", seeds=3)
+    loss = single.trials[0].user_attrs["val_loss"]
+    t = band.trials[0]
+    values = t.user_attrs["seed_values"]
+    assert t.user_attrs["seeds"] == [0, 1, 2] and len(values) == 3
+    # Seed 0 of the band is the single study's trial again, in another process: the same loss,
+    # exactly (CPU); other seeds (LoRA init, data order) give other losses.
+    assert values[0] == loss and len(set(values)) == 3
+    assert t.value == pytest.approx(sum(values) / 3) and t.user_attrs["value_std"] > 0
+    assert "over 3 seeds" in proc.stdout and "± " in (tmp_path / "r" / "band" / "summary.md").read_text()
+
+
+def test_time_to_target(tmp_path, harness_cache):
+    study, proc = run_study(tmp_path, "ttt", n_trials=2, sampler={"name": "grid"},
+                            objective={"metric": "time_to_target", "target": 10.8, "measure": "tokens"},
+                            search_space={**BASE["search_space"], "learning_rate": {"choices": [1e-7, 2e-2]}})
+    slow, fast = sorted(study.trials, key=lambda t: t.params["learning_rate"])
+    assert fast.state == State.COMPLETE and fast.user_attrs["outcome"] == "complete"
+    # The tokens trained when an evaluation (every 500 tokens) first saw the target: at a milestone,
+    # plus what the step that crossed it held (less than one batch of 4 x 64).
+    assert fast.value == fast.user_attrs["time_to_target"]
+    assert any(m <= fast.value < m + 4 * 64 for m in (500, 1000, 1500)), fast.value
+    assert fast.user_attrs["best_val_loss"] <= 10.8
+    # Never reached: recorded as not converged with its best loss, infeasible, never the best.
+    assert slow.user_attrs["outcome"] == "not_converged" and slow.user_attrs["best_val_loss"] > 10.8
+    assert slow.constraints["not_converged"] > 0 and study.best_trial.number == fast.number
+    assert study.metric_names == ["time_to_target"]
+    df = pl.read_parquet(tmp_path / "r" / "ttt" / "trials.parquet")
+    assert df.filter(pl.col("number") == slow.number)["feasible"].item() is False
+
+
+def test_a_resumed_study_draws_new_parameters(tmp_path, harness_cache):
+    space = {**BASE["search_space"], "learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}}
+    study, _ = run_study(tmp_path, "resume", n_trials=2, search_space=space, budget={"tokens": 500})
+    study, _ = run_study(tmp_path, "resume", n_trials=4, search_space=space, budget={"tokens": 500})
+    rates = [t.params["learning_rate"] for t in study.trials]
+    assert len(rates) == 4 and len(set(rates)) == 4, rates  # the second run did not replay the first's draws
+
+
+def test_rerun_the_top_configs_with_fresh_seeds(tmp_path, harness_cache):
+    space = {**BASE["search_space"], "learning_rate": {"choices": [1e-3, 2e-2]}}
+    run_study(tmp_path, "ranked", n_trials=2, sampler={"name": "grid"}, search_space=space, budget={"tokens": 500})
+    proc = run_cli("rerun", str(tmp_path / "r" / "ranked"), "--top", "2", "--seeds", "2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = (tmp_path / "r" / "ranked-rerun" / "rerun.md").read_text()
+    assert "2 fresh seeds each" in report and "bootstrap interval" in report
+    assert "distinguishable" in report
+    rerun = optuna.load_study(study_name="ranked-rerun",
+                              storage=f"sqlite:///{tmp_path / 'r' / 'ranked-rerun' / 'study.db'}")
+    assert [t.user_attrs["seeds"] for t in rerun.trials] == [[10_000, 10_001]] * 2
+    assert {t.user_attrs["original_trial"] for t in rerun.trials} == {0, 1}
+
+
+def test_rerun_statistics():
+    from harness.sweep.rerun import bootstrap_difference, compare
+
+    low, high = bootstrap_difference([1.0, 1.1, 0.9], [2.0, 2.1, 1.9])
+    assert 0.8 < low <= high < 1.2
+    result = compare([{"mean": 1.0, "values": [1.0, 1.1, 0.9]}, {"mean": 1.02, "values": [0.8, 1.3, 0.96]}])
+    assert result["distinguishable"] is False and result["interval"][0] < 0 < result["interval"][1]
