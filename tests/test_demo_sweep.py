@@ -62,9 +62,10 @@ def test_validation_loss_falls_and_pruned_trials_stop_early(demo):
             first, last = t.intermediate_values[steps[0]], t.intermediate_values[steps[-1]]
             assert last < first, (t.number, t.intermediate_values)
             assert t.value == pytest.approx(last)
-            assert t.user_attrs["steps"] == t.user_attrs["total_steps"]
+            # The whole budget, in tokens: reported at the same milestones as every other trial.
+            assert steps[-1] == t.user_attrs["budget"] <= t.user_attrs["tokens_trained"]
         else:
-            assert t.user_attrs["steps"] < t.user_attrs["total_steps"], t.number
+            assert t.user_attrs["tokens_trained"] < t.user_attrs["budget"], t.number
 
 
 def test_one_offline_wandb_run_per_trial(demo):
@@ -89,6 +90,11 @@ def test_best_adapter_reloads_to_the_same_validation_loss(demo):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     reloaded = float(proc.stdout.split("val_loss")[-1])
     assert reloaded == pytest.approx(best.value, abs=1e-3)
+
+
+def test_summary_states_the_budget_in_tokens(demo):
+    summary = (demo[0] / "summary.md").read_text()
+    assert "Budget: 12,000 tokens per trial" in summary and "same amount of data" in summary
 
 
 def test_summary_and_plot(demo):

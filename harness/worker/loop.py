@@ -22,7 +22,7 @@ from harness.worker.batching import Row, batches, collate, load_rows, pack, pred
 from harness.worker.distributed import Dist, init_distributed  # noqa: F401
 from harness.worker.step import DataBudget, accumulate, lr_factor, seed_everything  # noqa: F401
 from harness.worker.metrics import (failure_message, is_out_of_memory, memory_in_use, peak_memory,  # noqa: F401
-                                    reset_peak_memory)
+                                    release_cached_memory, reset_peak_memory)
 
 EVAL_BATCH_SIZE = 8  # fixed across trials so every trial's validation loss is computed alike
 

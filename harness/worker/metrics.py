@@ -40,6 +40,12 @@ def failure_message(err: BaseException, limit: int = 300) -> str:
 
 # -- memory ----------------------------------------------------------------------------------------
 
+def release_cached_memory(device: str) -> None:
+    """Give the CUDA caching allocator's free blocks back, so the next measurement starts clean."""
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
 def reset_peak_memory(device: str) -> None:
     """Start CUDA's peak counters afresh. The peak RSS cannot be reset: it covers the whole process."""
     if device == "cuda":
