@@ -21,6 +21,18 @@ def harness_cache(tmp_path_factory) -> Path:
     return path
 
 
+def wait_for(predicate, timeout: float = 180, every: float = 0.3) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(every)
+    return False
+
+
 def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 900) -> subprocess.CompletedProcess:
     """The installed CLI, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "harness.cli", *args], cwd=cwd, capture_output=True,

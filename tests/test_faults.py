@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, wait_for
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
 State = optuna.trial.TrialState
@@ -57,14 +57,6 @@ def running(study_dir, number) -> bool:
     except (KeyError, Exception):  # the storage or the study is not there yet
         return False
 
-
-def wait_for(predicate, timeout=120, every=0.5):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(every)
-    return False
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy.exc
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, wait_for
 from harness.sweep import storage as S
 from harness.sweep.config import FaultTolerance
 
@@ -71,14 +71,6 @@ def descendants(pid: int) -> list[int]:
         todo += kids
     return out
 
-
-def wait_for(predicate, timeout=180, every=0.3):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(every)
-    return False
 
 
 _POLLING: dict[str, optuna.storages.BaseStorage] = {}
