@@ -80,10 +80,10 @@ def _cmd_report(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace, console: Console) -> int:
-    from harness.worker.evaluate import adapter_val_loss
+    from harness.worker.evaluate import weights_val_loss
 
     try:
-        loss = adapter_val_loss(Path(args.study_dir), args.adapter and Path(args.adapter))
+        loss = weights_val_loss(Path(args.study_dir), args.weights and Path(args.weights))
     except FileNotFoundError as err:
         raise HarnessError(str(err)) from None
     print(f"val_loss {loss:.6f}")
@@ -164,9 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     rr.add_argument("--seeds", type=int, default=3, help="fresh seeds per config (default 3)")
     rr.add_argument("--storage", help="storage URL when the study is not in the folder's study.db")
     rr.set_defaults(func=_cmd_rerun)
-    ev = sub.add_parser("eval", help="reload the best adapter and print its validation loss")
+    ev = sub.add_parser("eval", help="reload the best weights (adapter or full model) and print their validation loss")
     ev.add_argument("study_dir", help="results/<study>")
-    ev.add_argument("--adapter", help="adapter folder (default: <study_dir>/best)")
+    ev.add_argument("--weights", "--adapter", dest="weights",
+                    help="a LoRA adapter or full model folder (default: <study_dir>/best)")
     ev.set_defaults(func=_cmd_eval)
     return parser
 

@@ -46,6 +46,9 @@ class Metrics:
     gpu_name: str | None = None
     dtype: str | None = None
     world_size: int | None = None
+    method: str | None = None           # lora | full: how the trial trained (also when the sweep fixes it)
+    trainable_params: int | None = None  # weights the optimizer updated: the adapters (lora), every weight (full)
+    total_params: int | None = None      # every weight of the model as trained (the adapters included)
     val_loss: float | None = None
     tokens_per_s: float | None = None
     padded_tokens_per_s: float | None = None

@@ -43,7 +43,8 @@ BAD = [
     ("bad storage URL", with_(storage="redis://localhost"), "storage: expected sqlite:///path.db, postgresql://"),
     ("python tag", "study: s\nmodel: !!python/object/apply:os.system ['echo pwned']\n", "not valid YAML or uses a tag that is not allowed"),
     ("not a mapping", "- a\n- b\n", "expected a mapping"),
-    ("non-integer batch", with_(search_space__batch_size={"choices": [2, 2.5]}), "batch_size: expected a positive integer"),
+    ("non-integer batch", with_(search_space__batch_size={"choices": [2, 2.5]}), "search_space.batch_size: expected a positive integer"),
+    ("unknown method", with_(search_space__method={"choices": ["lora", "qlora"]}), "search_space.method: expected one of lora, full, got 'qlora'"),
     ("grid over a float range", with_(sampler={"name": "grid"}), "search_space.learning_rate: the grid sampler needs choices"),
     ("bad study name", with_(study="a/b"), "study:"),
 ]

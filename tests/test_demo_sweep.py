@@ -85,7 +85,7 @@ def test_best_adapter_reloads_to_the_same_validation_loss(demo):
     assert saved["number"] == best.number
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json"):
         assert (study_dir / "best" / name).exists(), name
-    assert not list((study_dir / "trials").glob("*/adapter")), "only the best adapter is kept"
+    assert not list((study_dir / "trials").glob("*/weights")), "only the best adapter is kept"
     proc = run_cli("eval", str(study_dir))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     reloaded = float(proc.stdout.split("val_loss")[-1])

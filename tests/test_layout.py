@@ -32,6 +32,10 @@ def test_one_table_of_hyperparameters():
 
     assert list(SearchSpace.model_fields) == [f.name for f in dataclasses.fields(params.TrainParams)]
     assert params.INTEGER == {"batch_size", "grad_accum", "lora_r", "lora_alpha", "epochs"}
+    assert params.TYPES["method"] is str and params.ALLOWED == {"method": ("lora", "full")}
+    assert params.DEFAULTS["method"] == "lora"
+    assert params.applicable({"method": "full", "lora_r": 8, "batch_size": 4}) == {
+        "method": "full", "lora_r": None, "batch_size": 4}
     assert params.typed({"batch_size": 4.0, "packing": 1, "learning_rate": 1}) == {
         "batch_size": 4, "packing": True, "learning_rate": 1.0}
 

@@ -2,8 +2,9 @@
 
 The best trial is Optuna's ``best_trial``: complete, feasible (every constraint at or below zero,
 so out-of-memory and over-budget trials never qualify), with the best objective value. The trial
-process asks :func:`may_become_best` before saving its adapter; the driver promotes that adapter
-to ``best/`` with :func:`promote`; the report names :func:`best_trial`.
+process asks :func:`may_become_best` before saving its weights (``trials/<n>/weights``: a LoRA
+adapter, or a full model for ``method: full``); the driver promotes them to ``best/`` with
+:func:`promote`; the report names :func:`best_trial`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 import optuna
 
 from harness.files import write_json_atomic
+
+WEIGHTS = "weights"  # trials/<n>/weights: what a trial that may be the best saved
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
@@ -33,18 +36,19 @@ def may_become_best(study: optuna.Study, value: float) -> bool:
 
 
 def promote(study: optuna.Study, study_dir: Path, number: int) -> None:
-    """Keep trial ``number``'s adapter as ``best/`` if it is the best trial; otherwise drop it."""
-    adapter = study_dir / "trials" / str(number) / "adapter"
-    if not adapter.exists():
+    """Keep trial ``number``'s weights as ``best/`` if it is the best trial; otherwise drop them."""
+    weights = study_dir / "trials" / str(number) / WEIGHTS
+    if not weights.exists():
         return
     best = best_trial(study)
     if best is None or best.number != number:
-        shutil.rmtree(adapter, ignore_errors=True)
+        shutil.rmtree(weights, ignore_errors=True)
         return
     target, old = study_dir / "best", study_dir / "best.old"
     shutil.rmtree(old, ignore_errors=True)
-    write_json_atomic(adapter / "trial.json", {"number": best.number, "val_loss": best.value, "params": best.params})
+    write_json_atomic(weights / "trial.json", {"number": best.number, "val_loss": best.value, "params": best.params,
+                                               "method": best.user_attrs.get("method")})
     if target.exists():
         os.replace(target, old)
-    os.replace(adapter, target)
+    os.replace(weights, target)
     shutil.rmtree(old, ignore_errors=True)

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, create_model, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo, create_model,
+                      field_validator, model_validator)
 
 from harness import params
 from harness.errors import SweepFileError
@@ -70,26 +70,31 @@ Dimension = Annotated[
 class _SearchSpaceBase(_Strict):
     """What a trial varies. Each entry is a fixed value, ``{choices: [...]}`` or a range."""
 
-    @model_validator(mode="after")
-    def _typed(self) -> "_SearchSpaceBase":
-        for name in type(self).model_fields:
-            dim = getattr(self, name)
-            values: list[Any] = (
-                dim.choices if isinstance(dim, Choices)
-                else [dim.low, dim.high] if isinstance(dim, Range) else [dim]
-            )
-            for v in values:
-                if name in params.BOOLEAN:
-                    if not isinstance(v, bool) or isinstance(dim, Range):
-                        raise ValueError(f"{name}: expected true or false, got {v!r}")
-                    continue
-                if isinstance(v, (str, bool)):
-                    raise ValueError(f"{name}: expected a number, got {v!r}")
-                if name in params.INTEGER and (float(v) != int(v) or v < 1):
-                    raise ValueError(f"{name}: expected a positive integer, got {v!r}")
-                if name == "learning_rate" and v <= 0:
-                    raise ValueError(f"learning_rate: must be > 0, got {v!r}")
-        return self
+    @field_validator("*")
+    @classmethod
+    def _typed(cls, dim: Any, info: ValidationInfo) -> Any:
+        # A field validator, so that an error's location is the key itself (search_space.<name>).
+        name = info.field_name
+        values: list[Any] = (
+            dim.choices if isinstance(dim, Choices)
+            else [dim.low, dim.high] if isinstance(dim, Range) else [dim]
+        )
+        for v in values:
+            if name in params.ALLOWED:
+                if not isinstance(v, str) or v not in params.ALLOWED[name] or isinstance(dim, Range):
+                    raise ValueError(f"expected one of {', '.join(params.ALLOWED[name])}, got {v!r}")
+                continue
+            if name in params.BOOLEAN:
+                if not isinstance(v, bool) or isinstance(dim, Range):
+                    raise ValueError(f"expected true or false, got {v!r}")
+                continue
+            if isinstance(v, (str, bool)):
+                raise ValueError(f"expected a number, got {v!r}")
+            if name in params.INTEGER and (float(v) != int(v) or v < 1):
+                raise ValueError(f"expected a positive integer, got {v!r}")
+            if name == "learning_rate" and v <= 0:
+                raise ValueError(f"must be > 0, got {v!r}")
+        return dim
 
     def searched(self) -> dict[str, Choices | Range]:
         """The dimensions that vary (fixed values are left out)."""

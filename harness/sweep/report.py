@@ -37,12 +37,13 @@ COLUMNS: dict[str, pl.DataType] = {
     **{name: _dtype(t) for name, t in RECORD_TYPES.items()},
     **{name: _dtype(t) for name, t in METRIC_TYPES.items()},
 }
-PARAM_TYPES = {int: pl.Int64, float: pl.Float64, bool: pl.Boolean}
+PARAM_TYPES = {int: pl.Int64, float: pl.Float64, bool: pl.Boolean, str: pl.Utf8}
 
 
 def trials_frame(study: optuna.Study) -> pl.DataFrame:
     """One row per trial: its number and state, every field of its record (each with its type),
-    and one ``param_<name>`` column per searched parameter."""
+    and one ``param_<name>`` column per searched parameter (empty where the trial's method ignores
+    it: a full fine-tuning trial has no LoRA rank, alpha or dropout)."""
     trials = study.get_trials(deepcopy=False)
     param_names = sorted({k for t in trials for k in t.params})
     retried = superseded(trials)
@@ -54,8 +55,10 @@ def trials_frame(study: optuna.Study) -> pl.DataFrame:
         if t.number in retried and not row["outcome"]:
             row["outcome"] = "stale_retried"  # its driver died; a retry ran its parameters
         row["outcome"] = row["outcome"] or t.state.name.lower()
-        for p in param_names:
-            row[f"param_{p}"] = t.params.get(p)
+        method = row["method"] or t.params.get("method")
+        for p, v in params.applicable({"method": method, **t.params}).items():
+            if p in param_names:
+                row[f"param_{p}"] = v
         rows.append(row)
     schema = dict(COLUMNS)
     schema.update({f"param_{p}": PARAM_TYPES.get(params.TYPES.get(p), pl.Float64) for p in param_names})
@@ -74,6 +77,10 @@ def _md(df: pl.DataFrame) -> str:
     return head + "".join("| " + " | ".join(cell(v) for v in r) + " |\n" for r in df.iter_rows())
 
 
+def _value(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+
 def marginals(df: pl.DataFrame, param_cols: list[str]) -> pl.DataFrame:
     """Per parameter value (log-binned to a third of a decade when there are many values): trials, mean and best val_loss."""
     done = df.filter(pl.col("val_loss").is_not_null() & pl.col("outcome").is_in(["complete", "pruned"]))
@@ -86,7 +93,8 @@ def marginals(df: pl.DataFrame, param_cols: list[str]) -> pl.DataFrame:
         else:
             key = pl.col(col).cast(pl.Utf8)
         parts.append(
-            done.group_by(key.alias("value"))
+            done.filter(pl.col(col).is_not_null())  # trials whose method ignores it (full: no LoRA rank)
+            .group_by(key.alias("value"))
             .agg(pl.len().alias("trials"), pl.col("val_loss").mean().alias("mean_val_loss"),
                  pl.col("val_loss").min().alias("best_val_loss"), pl.col(col).min().alias("_order"))
             .sort("_order").drop("_order")
@@ -125,7 +133,10 @@ def summary_markdown(study: optuna.Study, df: pl.DataFrame) -> str:
     complete = df.filter((pl.col("outcome") == "complete") & pl.col("feasible")).sort(
         "value", descending=study.direction == optuna.study.StudyDirection.MAXIMIZE)
     extra = [c for c in ("time_to_target", "value_std") if df.get_column(c).drop_nulls().len()]
-    shown = ["number", "val_loss", *extra, "tokens_per_s", "peak_mem_mib", "train_s", *param_cols]
+    # Where full fine-tuning took part, how many weights each trial trained.
+    methods = ["method", "trainable_params"] if (df.get_column("method") == "full").any() else []
+    shown = ["number", "val_loss", *extra, *methods, "tokens_per_s", "peak_mem_mib", "train_s",
+             *[c for c in param_cols if not (methods and c == "param_method")]]
     chosen = best_trial(study)
     if chosen is not None:
         best = df.filter(pl.col("number") == chosen.number).row(0, named=True)
@@ -136,8 +147,10 @@ def summary_markdown(study: optuna.Study, df: pl.DataFrame) -> str:
                   + ", "
                   f"{best['tokens_per_s'] or 0:,.0f} tokens/s, peak memory {best['peak_mem_mib'] or 0:,.0f} MiB "
                   f"on {best['gpu_name'] or best['device']}.", "",
-                  "Parameters: " + ", ".join(f"`{c.removeprefix('param_')}={best[c]:g}`" for c in param_cols), "",
-                  "Adapter and tokenizer: `best/`.", "",
+                  "Parameters: " + ", ".join(f"`{c.removeprefix('param_')}={_value(best[c])}`" for c in param_cols
+                                             if best[c] is not None), "",
+                  ("Full model (every weight trained, " if best["method"] == "full" else "LoRA adapter (")
+                  + f"{best['trainable_params'] or 0:,} trainable parameters) and tokenizer: `best/`.", "",
                   "## Top 5", "", _md(complete.head(5).select(shown)), ""]
     else:
         lines += ["No trial completed.", ""]

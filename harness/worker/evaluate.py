@@ -1,7 +1,9 @@
-"""Reload a saved adapter and measure its validation loss, as the trial did.
+"""Reload a trial's saved weights and measure their validation loss, as the trial did.
 
-``harness eval results/<study>`` runs this on ``best/``: the base model from the study's
-``prepared.json``, the adapter with PEFT, the same validation rows, the same loss.
+``harness eval results/<study>`` runs this on ``best/``, which holds either a LoRA adapter
+(``adapter_config.json``: the base model from the study's ``prepared.json``, the adapter on it
+with PEFT) or a full model (``config.json``, from ``method: full``: loaded as it is); then the
+same validation rows, the same loss.
 """
 
 from __future__ import annotations
@@ -13,18 +15,24 @@ from harness.sweep.config import SweepConfig
 from harness.data.prepare import Prepared
 
 
-def adapter_val_loss(study_dir: Path, adapter_dir: Path | None = None) -> float:
-    from peft import PeftModel
-
+def weights_val_loss(study_dir: Path, weights_dir: Path | None = None) -> float:
     study_dir = Path(study_dir)
-    adapter_dir = Path(adapter_dir or study_dir / "best")
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise FileNotFoundError(f"{adapter_dir}: no adapter here (adapter_config.json missing)")
+    weights_dir = Path(weights_dir or study_dir / "best")
+    adapter = (weights_dir / "adapter_config.json").exists()
+    if not adapter and not (weights_dir / "config.json").exists():
+        raise FileNotFoundError(f"{weights_dir}: no adapter (adapter_config.json) or full model (config.json) here")
     cfg = SweepConfig.model_validate_json((study_dir / "sweep.json").read_text())
     prepared = Prepared.load(study_dir / "prepared.json")
     device = T.resolve_device(cfg.device)
     dtype = T.resolve_dtype(cfg.model.dtype, device)
-    model, tokenizer = T.load_model(prepared.model_dir, cfg.max_seq_length, dtype, cfg.model.load_in_4bit)
-    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    if adapter:
+        from peft import PeftModel
+
+        model, tokenizer = T.load_model(prepared.model_dir, cfg.max_seq_length, dtype, cfg.model.load_in_4bit)
+        model = PeftModel.from_pretrained(model, str(weights_dir))
+    else:
+        # A full fine-tune was trained and saved unquantized: reload it the same way.
+        model, tokenizer = T.load_model(str(weights_dir), cfg.max_seq_length, dtype, load_in_4bit=False)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return T.evaluate(model, T.load_rows(prepared.val_tokens), pad_id, device)
+

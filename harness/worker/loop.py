@@ -1,4 +1,5 @@
-"""The training step, readable in one page: Unsloth LoRA, dynamic padding, periodic validation.
+"""The training step, readable in one page: Unsloth LoRA or full fine-tuning, dynamic padding,
+periodic validation.
 
 Imported only inside a trial process (it imports unsloth first, then torch).
 """
@@ -62,19 +63,31 @@ def resolve_dtype(wanted: str, device: str) -> torch.dtype:
 
 
 def load_model(model_dir: str, max_seq_length: int, dtype: torch.dtype, load_in_4bit: bool):
-    """The base model alone (to attach a saved adapter to)."""
+    """A model alone, for evaluation: a base to attach a saved adapter to, or a saved full model."""
     return FastLanguageModel.from_pretrained(
         model_name=model_dir, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
     )
 
 
-def load_lora_model(model_dir: str, p: TrainParams, *, max_seq_length: int, dtype: torch.dtype,
-                    load_in_4bit: bool, target_modules: list[str], checkpointing, seed: int):
+def load_trainable_model(model_dir: str, p: TrainParams, *, max_seq_length: int, dtype: torch.dtype,
+                         load_in_4bit: bool, target_modules: list[str], checkpointing, seed: int):
+    """The model a trial trains, by its method: LoRA adapters on a frozen base (``lora``), or the
+    whole model (``full``: lora_r, lora_alpha, lora_dropout, target_modules and load_in_4bit do
+    not apply). Returns (model, tokenizer)."""
+    if p.method == "full":
+        return backends.load_unsloth_full(model_dir, max_seq_length=max_seq_length, dtype=dtype,
+                                          checkpointing=checkpointing)
     return backends.load_unsloth(
         model_dir, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit, lora_r=p.lora_r,
         lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout, target_modules=target_modules,
         checkpointing=checkpointing, seed=seed,
     )
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters (``parameters()`` yields tied weights once)."""
+    tensors = list(model.parameters())
+    return sum(t.numel() for t in tensors if t.requires_grad), sum(t.numel() for t in tensors)
 
 
 @torch.no_grad()

@@ -71,6 +71,7 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
     t_setup = time.perf_counter()
 
     from harness.data.prepare import Prepared
+    from harness.params import applicable
     from harness.sweep import best
     from harness.sweep.config import SweepConfig
     from harness.sweep.storage import trial_handle
@@ -103,7 +104,8 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
     m: Metrics = record.metrics
     m.update(device=device, gpu_name=T.torch.cuda.get_device_name() if device == "cuda" else None,
              dtype=str(dtype).removeprefix("torch."), import_s=round(import_s, 3),
-             spawn_s=round(time.time() - started_at - (time.perf_counter() - t0), 3), world_size=dist.world)
+             spawn_s=round(time.time() - started_at - (time.perf_counter() - t0), 3), world_size=dist.world,
+             method=params.method)
     if preimport_s is not None:  # a standby process imported before its trial came
         m.preimport_s = round(preimport_s, 3)
     T.reset_peak_memory(device)
@@ -117,7 +119,9 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
     record.seeds = seeds if len(seeds) > 1 else None
     budget = data_budget(cfg, prepared.stats["train"]["tokens"])
     time_to_target = cfg.objective.metric == "time_to_target"
-    tracker_config = {**vars(params), "model": cfg.model.name, "seed": cfg.seed, "seeds": seeds,
+    # A full fine-tune has no LoRA rank, alpha, dropout or target modules: W&B shows them empty.
+    tracker_config = {**applicable(vars(params)), "model": cfg.model.name, "seed": cfg.seed, "seeds": seeds,
+                      "target_modules": cfg.model.target_modules if params.method == "lora" else None,
                       "max_seq_length": cfg.max_seq_length, "budget": cfg.budget.describe()}
     wandb_cfg = cfg.wandb if lead else cfg.wandb.model_copy(update={"mode": "disabled"})
     with WandbTracker(wandb_cfg, cfg.study, number, tracker_config, study_dir / "wandb") as tracker:
@@ -143,11 +147,14 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
                     gc.collect()
                     T.release_cached_memory(device)
                     T.reset_peak_memory(device)
-                model, tokenizer = T.load_lora_model(
+                model, tokenizer = T.load_trainable_model(
                     prepared.model_dir, params, max_seq_length=cfg.max_seq_length, dtype=dtype,
                     load_in_4bit=cfg.model.load_in_4bit, target_modules=cfg.model.target_modules,
                     checkpointing=cfg.model.gradient_checkpointing, seed=seed,
                 )
+                if index == 0:
+                    trainable, total = T.parameter_counts(model)
+                    m.update(trainable_params=trainable, total_params=total)
                 if train_rows is None:
                     train_rows, val_rows = T.load_rows(prepared.train_tokens), T.load_rows(prepared.val_tokens)
                     m.load_s = round(time.perf_counter() - t0, 3)
@@ -206,10 +213,11 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
             record.reason = f"peak memory {m.peak_mem_mib:,.0f} MiB is over memory_budget_mib {cfg.memory_budget_mib:,.0f}"
         tracker.summarize(m.present())
         if record.outcome == "complete" and best.may_become_best(study, record.value):
-            # Only a trial that may become the best keeps its adapter (the last seed's); the
-            # driver promotes it to best/.
-            model.save_pretrained(str(trial_dir / "adapter"))
-            tokenizer.save_pretrained(str(trial_dir / "adapter"))
+            # Only a trial that may become the best keeps its weights (the last seed's); the driver
+            # promotes them to best/. save_pretrained writes what was trained: the adapter alone
+            # (adapter_config.json) for LoRA, the whole model (config.json) for full fine-tuning.
+            model.save_pretrained(str(trial_dir / best.WEIGHTS))
+            tokenizer.save_pretrained(str(trial_dir / best.WEIGHTS))
     return record
 
 
