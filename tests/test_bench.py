@@ -82,8 +82,8 @@ def test_same_results_against_themselves_pass(bench_run):
 def test_a_slower_run_than_the_baseline_fails_with_junit(bench_run, tmp_path):
     out, _, _ = bench_run
     baseline = json.loads((out / "base.json").read_text())
-    for r in baseline["results"].values():  # a steady baseline twice as fast as this machine
-        fast = r["tokens_per_s"]["max"] * 2
+    for r in baseline["results"].values():  # a steady baseline ten times as fast as this machine
+        fast = r["tokens_per_s"]["max"] * 10  # (a busy 2-core machine's runs vary by 2x and more)
         r["tokens_per_s"].update(values=[fast, fast], median=fast)
     baseline["fingerprint"]["gpu_name"] = "NVIDIA H100 80GB HBM3"
     (tmp_path / "fast.json").write_text(json.dumps(baseline))

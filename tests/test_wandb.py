@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import wait_for
 from harness.sweep.config import WandbConfig
 from harness.sweep.wandb_check import remove_empty_runs, study_wandb_mode, trial_mode
 from harness.worker.trackers import WandbTracker
@@ -183,6 +184,9 @@ def test_tracker_starts_the_run_on_another_thread_and_writes_it(wandb_env, tmp_p
         tracker.summarize({"val_loss": 1.25, "outcome": "complete", "oom_error": None})
 
     [path] = offline_runs(run_dir)
+    # W&B's service process writes the file; on a busy machine its last records land a moment
+    # after finish() returns.
+    assert wait_for(lambda: any(r.WhichOneof("record_type") == "run" for r in read_records(path)), timeout=60)
     records = read_records(path)
     kinds = [r.WhichOneof("record_type") for r in records]
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
