@@ -135,8 +135,9 @@ def rerun(study_dir: Path, top: int, seeds: int, console: Console,
     for t in optuna.load_study(study_name=rerun_cfg.study, storage=make_storage(rerun_url)).get_trials(deepcopy=False):
         values = t.user_attrs.get("seed_values")
         if t.state == optuna.trial.TrialState.COMPLETE and values:
+            # The trial's value is already its seeds' mean, and value_std their spread.
             rows.append({"trial": t.number, "original": t.user_attrs.get("original_trial"), "params": t.params,
-                         "values": values, "mean": statistics.fmean(values), "std": statistics.stdev(values)})
+                         "values": values, "mean": t.value, "std": t.user_attrs["value_std"]})
     result = compare(rows, cfg.objective.direction == "minimize")
     write_text_atomic(rerun_dir / "rerun.md", report_markdown(cfg.study, seeds, result))
     return result, rerun_dir / "rerun.md"
