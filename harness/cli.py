@@ -58,6 +58,8 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     from harness.sweep.report import build_report
 
     out = build_report(study_dir, cfg.storage)
+    if out["headline"]:
+        console.print(out["headline"])
     console.print(f"report: {out['summary']}  {out['parquet']}  {out['plot']}")
     return code
 

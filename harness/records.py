@@ -68,6 +68,7 @@ class Metrics:
     budget_unit: str | None = None   # tokens | examples | steps (an epochs budget is counted in tokens)
     budget: float | None = None
     best_val_loss: float | None = None
+    val_loss_start: float | None = None  # before training: the base model's validation loss
     time_to_target: float | None = None  # tokens or seconds (objective.measure); None: not reached
     seed_values: list[float] | None = None  # the objective per seed, when seeds > 1
     value_std: float | None = None      # their standard deviation (n - 1)

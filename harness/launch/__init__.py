@@ -17,10 +17,12 @@ Torch-free: the driver imports it.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 from harness.errors import HarnessError
 from harness.launch.base import Launcher, child_env, log_tail
@@ -51,13 +53,39 @@ def make_launcher(start_method: str, study_dir: Path, storage_url: str, slot_env
     return kinds[start_method](*args)
 
 
-def run_prepare(config_json: Path, sweep_dir: Path, out: Path, log: Path) -> None:
-    """Resolve the model and tokenize the data once, in a child process (the driver never imports torch)."""
+def run_prepare(config_json: Path, sweep_dir: Path, out: Path, log: Path,
+                on_progress: Callable[[dict], None] | None = None) -> None:
+    """Resolve the model and tokenize the data once, in a child process (the driver never imports torch).
+
+    A long step inside it (pretraining a base) keeps a small JSON file up to date; ``on_progress``
+    gets its contents as they change.
+    """
+    progress_file = out.with_name("prepare-progress.json")
+    progress_file.unlink(missing_ok=True)
+    env = child_env("")
+    env["HARNESS_PREPARE_PROGRESS"] = str(progress_file)
+    seen = None
     with log.open("w") as log_f:
-        code = subprocess.call(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "harness.data.prepare", str(config_json), str(sweep_dir), str(out)],
-            stdout=log_f, stderr=subprocess.STDOUT, env=child_env(""),
+            stdout=log_f, stderr=subprocess.STDOUT, env=env,
         )
+        while True:
+            try:
+                code = proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                code = None
+            if on_progress and progress_file.exists():
+                try:
+                    now = json.loads(progress_file.read_text())
+                except (OSError, ValueError):
+                    now = seen
+                if now and now != seen:
+                    seen = now
+                    on_progress(now)
+            if code is not None:
+                break
+    progress_file.unlink(missing_ok=True)
     if code != 0:
         lines = [line for line in log_tail(log, 40).splitlines() if line.startswith("error: ")]
         raise HarnessError(lines[-1].removeprefix("error: ") if lines else

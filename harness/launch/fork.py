@@ -22,7 +22,7 @@ def _fork_context() -> Any:
     global _FORK_CONTEXT
     if _FORK_CONTEXT is None:
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["harness.worker.loop", "harness.worker.trial", "harness.worker.trackers",
+        ctx.set_forkserver_preload(["unsloth", "harness.worker.loop", "harness.worker.trial", "harness.worker.trackers",
                                     "harness.sweep.study", "optuna", "wandb"])
         _FORK_CONTEXT = ctx
     return _FORK_CONTEXT

@@ -65,9 +65,21 @@ def _slots(gpus: list[int] | None, per_trial: int) -> dict[str, dict[str, str]]:
 
 
 def _prepare(cfg: SweepConfig, study: optuna.Study, sweep_dir: Path, study_dir: Path, console: Console) -> None:
-    with console.status("preparing model and data (once per study)"):
-        run_prepare(study_dir / "sweep.json", sweep_dir, study_dir / "prepared.json", study_dir / "prepare.log")
+    with console.status("preparing model and data (once per study)") as status:
+        def show(progress: dict) -> None:  # a base being pretrained: its first use on this machine
+            done = progress["step"] / max(progress["steps"], 1)
+            bar = "━" * int(30 * done) + " " * (30 - int(30 * done))
+            status.update(f"{progress['task']} (once per machine): [{bar}] step {progress['step']}/"
+                          f"{progress['steps']}, loss {progress['loss']:.3f}")
+
+        run_prepare(study_dir / "sweep.json", sweep_dir, study_dir / "prepared.json", study_dir / "prepare.log",
+                    on_progress=show)
     prepared = json.loads((study_dir / "prepared.json").read_text())
+    if base := prepared.get("base"):
+        study.set_user_attr("base", base)
+        console.print(f"base {cfg.model.name}: pretrained here on {base['tokens_trained']:,} tokens of Shakespeare "
+                      f"({base['passes']} passes), held-out loss {base['held_out_loss_initial']:.2f} -> "
+                      f"{base['held_out_loss']:.2f}, in {base['seconds']:.0f} s on {base['device']}")
     train, val = prepared["stats"]["train"], prepared["stats"]["validation"]
     study.set_user_attr("data", prepared["stats"])  # so the report can show it from the storage alone
     console.print(

@@ -130,6 +130,12 @@ def summary_markdown(study: optuna.Study, df: pl.DataFrame) -> str:
     counts = df.group_by("outcome").len().sort("outcome")
     lines = [f"# Study `{study.study_name}`", "",
              "Trials: " + ", ".join(f"{s} {n}" for s, n in counts.iter_rows()), "", *budget_lines(study), ""]
+    if base := study.user_attrs.get("base"):
+        r = base["recipe"]
+        lines += [f"Base model: pretrained by the harness on {base['corpus']}: {base['tokens_trained']:,} tokens "
+                  f"({base['passes']} passes, sequences of {r['seq_len']}, batch {r['batch_size']}, learning rate "
+                  f"{r['learning_rate']:g}), held-out loss {base['held_out_loss_initial']:.3f} -> "
+                  f"{base['held_out_loss']:.3f}, in {base['seconds']:.0f} s on {base['device']}.", ""]
     complete = df.filter((pl.col("outcome") == "complete") & pl.col("feasible")).sort(
         "value", descending=study.direction == optuna.study.StudyDirection.MAXIMIZE)
     extra = [c for c in ("time_to_target", "value_std") if df.get_column(c).drop_nulls().len()]
@@ -140,7 +146,10 @@ def summary_markdown(study: optuna.Study, df: pl.DataFrame) -> str:
     chosen = best_trial(study)
     if chosen is not None:
         best = df.filter(pl.col("number") == chosen.number).row(0, named=True)
-        lines += ["## Best trial", "",
+        start = df.get_column("val_loss_start").drop_nulls()
+        before = (f"The base model, before any training: validation loss {start[0]:.4f}; the best trial "
+                  f"brought it to {best['val_loss']:.4f} ({best['val_loss'] - start[0]:+.4f}).") if start.len() else ""
+        lines += ["## Best trial", "", *([before, ""] if before else []),
                   f"Trial {best['number']}: validation loss **{best['val_loss']:.4f}**"
                   + (f" ± {best['value_std']:.4f} over seeds" if best["value_std"] is not None else "")
                   + (f", time to target **{best['time_to_target']:,.0f}**" if best["time_to_target"] is not None else "")
@@ -219,7 +228,7 @@ def study_name(study_dir: Path) -> str:
         return study_dir.name
 
 
-def build_report(study_dir: Path, storage_url: str | None = None) -> dict[str, Path]:
+def build_report(study_dir: Path, storage_url: str | None = None) -> dict:
     """Rebuild ``trials.parquet``, ``summary.md`` and ``curves.png`` in ``study_dir`` from the storage."""
     study_dir = Path(study_dir)
     url = storage_url or default_storage(study_dir)
@@ -236,4 +245,16 @@ def build_report(study_dir: Path, storage_url: str | None = None) -> dict[str, P
         df.write_parquet(tmp)
     write_text_atomic(out["summary"], summary_markdown(study, df))
     plot_curves(study, out["plot"])
-    return out
+    return {**out, "headline": headline(study, df)}
+
+
+def headline(study: optuna.Study, df: pl.DataFrame) -> str | None:
+    """One line for the end of a run: the base model's validation loss and the best trial's."""
+    chosen = best_trial(study)
+    start = df.get_column("val_loss_start").drop_nulls()
+    if chosen is None or not start.len():
+        return None
+    row = df.filter(pl.col("number") == chosen.number).row(0, named=True)
+    lr = row.get("param_learning_rate")
+    return (f"validation loss: base model {start[0]:.4f}, best trial {row['number']} {row['val_loss']:.4f} "
+            f"({row['val_loss'] - start[0]:+.4f})" + (f" at learning rate {lr:.3g}" if lr is not None else ""))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import unsloth  # noqa: F401  (before transformers/peft, as in a trial)
+
 from harness.worker import loop as T
 from harness.sweep.config import SweepConfig
 from harness.data.prepare import Prepared

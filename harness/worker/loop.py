@@ -1,7 +1,9 @@
 """The training step, readable in one page: Unsloth LoRA or full fine-tuning, dynamic padding,
 periodic validation.
 
-Imported only inside a trial process (it imports unsloth first, then torch).
+A trial process imports unsloth before this module (``trial.import_training_stack``), since it
+patches transformers and peft; this module imports neither at load time, so a process that trains
+with plain transformers + PEFT (``bench/literature.py``) can use the same loop unpatched.
 """
 
 from __future__ import annotations
@@ -10,9 +12,6 @@ import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
-
-import unsloth  # noqa: F401  (must come before transformers/peft: it patches them)
-from unsloth import FastLanguageModel
 
 import numpy as np
 import torch
@@ -31,6 +30,7 @@ EVAL_BATCH_SIZE = 8  # fixed across trials so every trial's validation loss is c
 @dataclass
 class TrainResult:
     val_loss: float | None = None
+    val_loss_start: float | None = None  # before the first step: the base model's (LoRA starts at B = 0)
     stopped_by: str | None = None  # what on_eval answered: "pruned" or "converged"; None: ran its budget
     budget_unit: str = "tokens"
     budget: float = 0.0
@@ -64,6 +64,9 @@ def resolve_dtype(wanted: str, device: str) -> torch.dtype:
 
 def load_model(model_dir: str, max_seq_length: int, dtype: torch.dtype, load_in_4bit: bool):
     """A model alone, for evaluation: a base to attach a saved adapter to, or a saved full model."""
+    import unsloth  # noqa: F401  (before transformers/peft: it patches them)
+    from unsloth import FastLanguageModel
+
     return FastLanguageModel.from_pretrained(
         model_name=model_dir, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
     )
@@ -118,6 +121,7 @@ def train(
     model, train_rows, val_rows, p: TrainParams, *, pad_id: int, device: str, seed: int, max_seq_length: int,
     budget: DataBudget, timing_warmup_steps: int,
     on_step: Callable[[int, float, float], None], on_eval: Callable[[int, float], str | None], dist: Dist = Dist(),
+    evaluate_start: bool = True,
 ) -> TrainResult:
     """Train with AdamW until the data budget is spent (or ``p.epochs`` passes over the data),
     validating at each of the budget's milestones.
@@ -138,6 +142,10 @@ def train(
     stream = batches(train_rows, p.batch_size, seed)
     timed_tokens, timed_padded, timed_s = 0, 0, 0.0
     next_eval = 1
+    if evaluate_start:
+        t0 = time.perf_counter()
+        result.val_loss_start = evaluate(model, val_rows, pad_id, device, dist)  # "before" for the summary
+        result.eval_s += time.perf_counter() - t0
     model.train()
     while True:
         progress = budget.position(result.tokens_trained, result.examples_trained, result.steps) / budget.total

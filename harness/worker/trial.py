@@ -42,7 +42,9 @@ def import_training_stack() -> None:
     objects its import leaves behind, they took 5-7 s of a 7B load (``bench/RESULTS.md``). Frozen,
     those objects are no longer traversed.
     """
-    from harness.worker import loop  # noqa: F401  (unsloth, then torch)
+    import unsloth  # noqa: F401  (first: it patches transformers, trl and peft)
+
+    from harness.worker import loop  # noqa: F401
     import optuna  # noqa: F401
 
     from harness.data import prepare  # noqa: F401
@@ -201,6 +203,7 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
             tokens_per_s=first.tokens_per_s and round(first.tokens_per_s, 1),
             padded_tokens_per_s=first.padded_tokens_per_s and round(first.padded_tokens_per_s, 1),
             train_s=round(sum(r.train_s for r in results), 3), eval_s=round(sum(r.eval_s for r in results), 3),
+            val_loss_start=first.val_loss_start and round(first.val_loss_start, 6),
             steps=first.steps, tokens_trained=first.tokens_trained, examples_trained=first.examples_trained,
             budget_unit=budget.unit, budget=budget.total,
         )
