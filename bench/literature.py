@@ -279,26 +279,28 @@ def report(args) -> int:
     summary = []
     for label, by_lr in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][4], kv[0][1], kv[0][3], kv[0][2] or 1e9)):
         claim, method, rank, targets, batch = label
-        means = [(lr, mean(v)) for lr, v in by_lr.items()]
-        lr, loss, edge = best_lr(means)
+        means = sorted((lr, mean(v)) for lr, v in by_lr.items())
+        # The grid's best point is the answer; the parabola only refines where between points it lies
+        # (near the divergence cliff it can overshoot, so its loss is not used).
+        best_grid, loss = min(means, key=lambda t: t[1])
+        edge = best_grid in (means[0][0], means[-1][0])
+        refined = best_lr(means)[0]
         seeds = max(len(v) for v in by_lr.values())
-        # Seed noise: the spread between seeds at the best grid point.
-        best_grid = min(means, key=lambda t: t[1])[0]
-        spread = by_lr[best_grid]
+        spread = by_lr[best_grid]  # seed noise: half the range between seeds at the best point
         noise = (max(spread) - min(spread)) / 2 if len(spread) > 1 else None
-        start = next((r["val_loss_start"] for r in rows if r.get("val_loss_start") is not None), None)
-        summary.append(dict(claim=claim, method=method, rank=rank, targets=targets, batch=batch, best_lr=lr,
-                            best_loss=loss, edge=edge, seeds=seeds, noise=noise, points=len(by_lr), base_loss=start,
+        summary.append(dict(claim=claim, method=method, rank=rank, targets=targets, batch=batch, best_lr=best_grid,
+                            refined_lr=refined, best_loss=loss, edge=edge, seeds=seeds, noise=noise, points=len(by_lr),
                             steps=next(r["steps"] for r in rows if r.get("steps") and r["batch"] == batch),
                             trainable=next(r["trainable_params"] for r in rows if "error" not in r and
                                            (r["method"], r["rank"], r["targets"]) == (method, rank, targets))))
     Path(args.dir, "summary.json").write_text(json.dumps(summary, indent=1))
     lines = ["| claim | method | rank | targets | batch (seqs) | steps | trainable params | LR points × seeds | "
-             "best LR | loss at best LR | seed noise (±) |", "|" + "---|" * 11]
+             "best LR (grid) | refined LR | loss at best LR | seed noise (±) |", "|" + "---|" * 12]
     for s in summary:
         noise = "—" if s["noise"] is None else f"{s['noise']:.4f}"
         lines.append(f"| {s['claim']} | {s['method']} | {s['rank'] or '—'} | {s['targets']} | {s['batch']} | {s['steps']} | "
                      f"{s['trainable']:,} | {s['points']} × {s['seeds']} | {s['best_lr']:.3g}{' (edge)' if s['edge'] else ''} | "
+                     f"{s['refined_lr']:.2g} | "
                      f"{s['best_loss']:.4f} | {noise} |")
     md = "\n".join(lines) + "\n"
     if errors:
