@@ -88,6 +88,6 @@ def test_shipped_sweeps_validate():
     for path in (ROOT / "sweeps").glob("*.yaml"):
         load_sweep(path)
     demo = load_sweep(ROOT / "sweeps" / "demo.yaml")
-    assert demo.model.name == "tiny-mistral" and demo.n_trials >= 4
+    assert demo.model.name == "tiny-mistral-base" and demo.dataset.source == "kjv" and demo.n_trials >= 4
     assert isinstance(demo.search_space.learning_rate, Range) and demo.search_space.learning_rate.log
     assert isinstance(demo.search_space.lora_r, Choices)
