@@ -69,6 +69,7 @@ class Metrics:
     budget: float | None = None
     best_val_loss: float | None = None
     val_loss_start: float | None = None  # before training: the base model's validation loss
+    pruning_saved_s: float | None = None  # a pruned trial: the training seconds its remaining budget would have taken
     time_to_target: float | None = None  # tokens or seconds (objective.measure); None: not reached
     seed_values: list[float] | None = None  # the objective per seed, when seeds > 1
     value_std: float | None = None      # their standard deviation (n - 1)
@@ -96,6 +97,8 @@ class TrialResult:
     number: int
     outcome: str
     value: float | None = None       # the objective (validation loss) when complete or pruned
+    values: list[float] | None = None  # every objective, in the study's order (multi-objective studies)
+    pruned_by: str | None = None     # loss (behind the others at equal data) | dominance (see sweep/pruning.py)
     reason: str | None = None        # why it failed or is infeasible, one line first
     log_tail: str | None = None      # the last lines of trials/<n>/log.txt
     start_method: str | None = None  # fork | standby | spawn | torchrun

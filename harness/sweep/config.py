@@ -203,16 +203,30 @@ class Budget(_Strict):
         return f"{self.amount():,g} {self.unit()} per trial{cadence}"
 
 
+# Each objective's natural direction, used when the sweep file gives none.
+DIRECTIONS = {"val_loss": "minimize", "time_to_target": "minimize", "tokens_per_s": "maximize",
+              "peak_mem_mib": "minimize"}
+
+
 class Objective(_Strict):
     """``val_loss`` (the last validation loss), or ``time_to_target``: the training tokens (or
     seconds, evaluation included) a trial needs to reach validation loss ``target``, MLPerf
     style; a trial that does not reach it within the budget is recorded as not converged, with
-    its best loss, and is never the best."""
+    its best loss, and is never the best. In a list of ``objectives`` also ``tokens_per_s`` and
+    ``peak_mem_mib``, as measured by the trial. ``direction`` defaults to the metric's natural one
+    (``DIRECTIONS``)."""
 
-    metric: Literal["val_loss", "time_to_target"] = "val_loss"
-    direction: Literal["minimize", "maximize"] = "minimize"
+    metric: Literal["val_loss", "time_to_target", "tokens_per_s", "peak_mem_mib"] = "val_loss"
+    direction: Literal["minimize", "maximize"] | None = None
     target: float | None = None
     measure: Literal["tokens", "seconds"] = "tokens"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _natural_direction(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("direction") is None and data.get("metric", "val_loss") in DIRECTIONS:
+            data = {**data, "direction": DIRECTIONS[data.get("metric", "val_loss")]}
+        return data
 
     @model_validator(mode="after")
     def _target(self) -> "Objective":
@@ -274,6 +288,11 @@ class SweepConfig(_Strict):
     budget: Budget = Budget()
     search_space: SearchSpace = SearchSpace()  # type: ignore[valid-type]
     objective: Objective = Objective()
+    # Several objectives at once (a multi-objective study: the Pareto front is the answer). One
+    # entry is the same as ``objective``. ``prefer`` names the objective that picks ``best/`` from
+    # the front (the front's best trial by that metric); default: the first.
+    objectives: list[Objective] | None = None
+    prefer: str | None = None
     sampler: SamplerConfig = SamplerConfig()
     pruner: PrunerConfig = PrunerConfig()
     n_trials: int = Field(default=8, gt=0)
@@ -296,6 +315,56 @@ class SweepConfig(_Strict):
         if v is not None and not re.match(r"^((sqlite|postgresql|postgresql\+\w+|mysql|mysql\+\w+)://|journal:.)", v):
             raise ValueError("expected sqlite:///path.db, postgresql://user@host/db or journal:///shared/path.log")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _loss_objective(cls, data: Any) -> Any:
+        # With a list of objectives, ``objective`` is its loss entry (what pruning and time to
+        # target read), so the rest of the code reads one place either way.
+        if isinstance(data, dict) and isinstance(data.get("objectives"), list):
+            entries = [o.model_dump() if isinstance(o, Objective) else o for o in data["objectives"]]
+            losses = [o for o in entries if isinstance(o, dict) and o.get("metric", "val_loss") in ("val_loss", "time_to_target")]
+            if not losses:
+                return data
+            derived = Objective.model_validate(losses[0]).model_dump()
+            given = data.get("objective")
+            if given is not None:  # a dumped config carries both: fine when they agree
+                given = given.model_dump() if isinstance(given, Objective) else Objective.model_validate(given).model_dump()
+                if given != derived:
+                    raise ValueError("give objective or objectives, not both")
+            data = {**data, "objective": derived}
+        return data
+
+    @model_validator(mode="after")
+    def _objectives(self) -> "SweepConfig":
+        if self.objectives is not None:
+            if not self.objectives:
+                raise ValueError("objectives: give at least one")
+            metrics = [o.metric for o in self.objectives]
+            if len(set(metrics)) != len(metrics):
+                raise ValueError("objectives: each metric at most once")
+            if "val_loss" not in metrics and "time_to_target" not in metrics:
+                raise ValueError("objectives: include val_loss or time_to_target (pruning and the report follow the loss)")
+            if "val_loss" in metrics and "time_to_target" in metrics:
+                raise ValueError("objectives: val_loss or time_to_target, not both")
+        if self.prefer is not None and self.prefer not in [o.metric for o in self.all_objectives()]:
+            raise ValueError(f"prefer: {self.prefer!r} is not one of the objectives")
+        if self.objective.metric not in ("val_loss", "time_to_target"):
+            raise ValueError("objective: val_loss or time_to_target (speed and memory go in a list of objectives)")
+        return self
+
+    def all_objectives(self) -> list[Objective]:
+        """Every objective, in the order of the study's values."""
+        return list(self.objectives) if self.objectives else [self.objective]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.all_objectives()) > 1
+
+    def preferred_index(self) -> int:
+        """Which of the study's values picks ``best/`` from the Pareto front."""
+        metrics = [o.metric for o in self.all_objectives()]
+        return metrics.index(self.prefer) if self.prefer else 0
 
     @model_validator(mode="after")
     def _grid_needs_finite(self) -> "SweepConfig":

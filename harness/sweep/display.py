@@ -69,6 +69,8 @@ class Display:
             self.console.print(f"  {tag}trial {number} [yellow]infeasible[/]: out of memory at "
                                f"{m.mem_at_failure_mib or 0:,.0f} MiB (peak {m.peak_mem_mib or 0:,.0f} MiB)")
         else:
+            if result.pruned_by == "dominance":
+                self.console.print(f"  {tag}trial {number} [yellow]pruned[/]: {escape(result.reason or '')}")
             spread = f" ± {m.value_std:.4f} over {len(m.seed_values)} seeds" if m.seed_values else ""
             ttt = f"  time to target {m.time_to_target:,.0f}" if m.time_to_target is not None else ""
             self.console.print(
@@ -78,11 +80,15 @@ class Display:
             )
         with self.lock:
             best = best_trial(study)
+            names = study.metric_names or ["val_loss"]
+            i = int(study.user_attrs.get("prefer", 0)) if len(study.directions) > 1 else 0
             if best is not None:
-                self.best = f"{best.value:,.4g} (trial {best.number})"
+                self.best = f"{best.values[i]:,.4g} (trial {best.number})"
+                if len(study.directions) > 1:
+                    self.best += f", Pareto front of {len(study.best_trials)}"
             self.progress.update(self.steps[slot], visible=False)
             if not retried:
-                self.progress.update(self.trials, advance=1, description=f"trials  best {study.metric_names[0] if study.metric_names else 'val_loss'} {self.best}")
+                self.progress.update(self.trials, advance=1, description=f"trials  best {names[i]} {self.best}")
 
     def waiting(self, running: int) -> None:
         self.console.print(f"no new trials to start: waiting for the {running} running trial(s) to finish "

@@ -132,6 +132,7 @@ def run_sweep(
     study.set_user_attr("budget", {"unit": cfg.budget.unit(), "amount": cfg.budget.amount(),
                                    "eval_every": cfg.budget.eval_every, "text": cfg.budget.describe(),
                                    "seeds": cfg.seeds, "objective": cfg.objective.model_dump()})
+    study.set_user_attr("memory_budget_mib", cfg.memory_budget_mib)
     # The storage URL may hold a password: it goes to trial processes by environment only.
     write_json_atomic(study_dir / "sweep.json", cfg.model_dump(mode="json", exclude={"storage"}))
 

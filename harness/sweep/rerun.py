@@ -111,6 +111,9 @@ def rerun(study_dir: Path, top: int, seeds: int, console: Console,
         raise HarnessError(f"{study_dir}: no sweep.json here (expected results/<study>)") from None
     url = storage_url or default_storage(study_dir)
     study = optuna.load_study(study_name=study_name(study_dir), storage=make_storage(url))
+    if cfg.multi_objective:
+        raise HarnessError("harness rerun compares one objective; this study has several (its answer is the Pareto "
+                           "front in summary.md)")
     configs = top_configs(study, top)
     rerun_cfg = SweepConfig.model_validate({
         **cfg.model_dump(), "study": f"{cfg.study}-rerun", "seed": cfg.seed + FRESH_SEED_OFFSET, "seeds": seeds,

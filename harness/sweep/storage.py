@@ -574,6 +574,29 @@ def trial_id(trial: optuna.Trial) -> int:
     return trial._trial_id
 
 
+CURVE = "curve"  # user attribute: a multi-objective trial's validation loss by milestone
+
+
+def report_intermediate(trial: optuna.Trial, step: int, value: float) -> None:
+    """``Trial.report``, in a multi-objective study too. Optuna refuses ``report`` there (its
+    pruners are single-objective), and its TPE sampler cannot rank a pruned multi-objective trial
+    that has intermediate values, so there the curve is kept as the user attribute ``curve``
+    instead; :func:`curve` reads either."""
+    if len(trial.study.directions) == 1:
+        trial.report(value, step)
+        return
+    points = dict(trial.user_attrs.get(CURVE, {}))
+    points[str(step)] = value
+    trial.set_user_attr(CURVE, points)
+
+
+def curve(trial: optuna.trial.FrozenTrial) -> dict[int, float]:
+    """A trial's validation loss by milestone, single- or multi-objective."""
+    if trial.intermediate_values:
+        return dict(trial.intermediate_values)
+    return {int(k): float(v) for k, v in trial.user_attrs.get(CURVE, {}).items()}
+
+
 def trial_handle(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> optuna.Trial:
     """A live ``Trial`` for a trial another process asked for (to report to and ask the pruner)."""
     return optuna.trial.Trial(study, frozen._trial_id)

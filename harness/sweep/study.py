@@ -80,9 +80,12 @@ def create_study(cfg: SweepConfig, storage_url: str, worker: int = 0) -> optuna.
     """The driver's handle on the study: with heartbeats, so dead drivers' trials get retried, and
     a sampler seeded for this run (:func:`run_seed`)."""
     storage = make_storage(storage_url, cfg.fault_tolerance)
-    study = optuna.create_study(study_name=cfg.study, storage=storage, direction=cfg.objective.direction,
+    objectives = cfg.all_objectives()
+    study = optuna.create_study(study_name=cfg.study, storage=storage, directions=[o.direction for o in objectives],
                                 load_if_exists=True)
-    study.set_metric_names([cfg.objective.metric])  # so optuna-dashboard labels the objective
+    study.set_metric_names([o.metric for o in objectives])  # so optuna-dashboard labels the axes
+    if cfg.multi_objective:
+        study.set_user_attr("prefer", cfg.preferred_index())  # which value picks best/ from the front
     seed = run_seed(cfg.seed, len(study.get_trials(deepcopy=False)), worker)
     return optuna.load_study(study_name=cfg.study, storage=storage, sampler=make_sampler(cfg, seed),
                              pruner=make_pruner(cfg))
@@ -155,11 +158,12 @@ def record_result(study: optuna.Study, trial: optuna.Trial, result: TrialResult,
         # How far from the target it stayed: positive, so never feasible, never best.
         trial.set_constraint("not_converged", max(1e-9, result.metrics.best_val_loss - target)
                              if target is not None and result.metrics.best_val_loss is not None else 1.0)
+    worst = [float("inf") if d == optuna.study.StudyDirection.MINIMIZE else float("-inf") for d in study.directions]
     try:
         if result.state == "complete":
-            study.tell(trial, result.value)
+            study.tell(trial, result.values if len(worst) > 1 else result.value)
         elif result.state == "infeasible":
-            study.tell(trial, float("inf") if study.direction == optuna.study.StudyDirection.MINIMIZE else float("-inf"))
+            study.tell(trial, worst if len(worst) > 1 else worst[0])
         else:
             study.tell(trial, state=STATES[result.state])
     except RuntimeError as err:

@@ -120,14 +120,16 @@ def sync(device: str) -> None:
 def train(
     model, train_rows, val_rows, p: TrainParams, *, pad_id: int, device: str, seed: int, max_seq_length: int,
     budget: DataBudget, timing_warmup_steps: int,
-    on_step: Callable[[int, float, float], None], on_eval: Callable[[int, float], str | None], dist: Dist = Dist(),
+    on_step: Callable[[int, float, float], None], on_eval: Callable[[int, float, float | None], str | None],
+    dist: Dist = Dist(),
     evaluate_start: bool = True,
 ) -> TrainResult:
     """Train with AdamW until the data budget is spent (or ``p.epochs`` passes over the data),
     validating at each of the budget's milestones.
 
     The learning rate warms up and decays over the budget's data (``step.lr_factor``).
-    ``on_eval(milestone, val_loss)`` returning a reason (``"pruned"``, ``"converged"``) stops
+    ``on_eval(milestone, val_loss, tokens_per_s)`` (the speed after the warm-up steps, None before
+    any timed step) returning a reason (``"pruned"``, ``"converged"``) stops
     training. Validation always runs on the unpacked rows, so packed and padded trials are
     compared alike.
     """
@@ -190,7 +192,7 @@ def train(
                                    "val_loss": result.val_loss, "tokens_per_s": result.tokens_per_s,
                                    "tokens": result.tokens_trained, "seconds": result.train_s + result.eval_s})
             next_eval += 1
-            stop = dist.decide(on_eval(milestone, result.val_loss))
+            stop = dist.decide(on_eval(milestone, result.val_loss, timed_tokens / timed_s if timed_s else None))
             if stop or done:
                 result.stopped_by = stop or None
                 return result

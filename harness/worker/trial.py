@@ -131,6 +131,7 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
         # Reading the config and the study, and starting the W&B run.
         m.setup_s = round(time.perf_counter() - t_setup, 3)
         model = train_rows = val_rows = None
+        pruned: dict = {}  # set by the harness's own pruning (multi-objective studies)
         if fault and fault.step == 0:
             faults.inject(fault, model, device, tracker)
         results: list[T.TrainResult] = []
@@ -162,7 +163,7 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
                     m.load_s = round(time.perf_counter() - t0, 3)
                 pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
                 on_step, on_eval = _hooks(index, len(seeds), seed, lead, trial, tracker, progress, fault, cfg,
-                                          lambda: model, device, time_to_target)
+                                          lambda: model, device, time_to_target, pruned)
                 if index == 0:
                     # Fixed cost: from the driver starting this trial (spawn, fork or handing it to
                     # a standby) to the first training step.
@@ -208,6 +209,13 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
             budget_unit=budget.unit, budget=budget.total,
         )
         _objective(record, results, cfg, len(seeds))
+        if record.outcome == "pruned":
+            record.pruned_by = pruned.get("rule", "loss")
+            record.reason = pruned.get("reason")
+            # The training time its remaining budget would have taken, at the pace it had.
+            done = first.history[-1]["milestone"] if first.history else 0
+            if done:
+                m.pruning_saved_s = round(first.train_s * max(0.0, budget.total / done - 1), 3)
         if not lead:
             return record
         if cfg.memory_budget_mib and m.peak_mem_mib > cfg.memory_budget_mib:
@@ -215,7 +223,7 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
             record.outcome = "over_budget"
             record.reason = f"peak memory {m.peak_mem_mib:,.0f} MiB is over memory_budget_mib {cfg.memory_budget_mib:,.0f}"
         tracker.summarize(m.present())
-        if record.outcome == "complete" and best.may_become_best(study, record.value):
+        if record.outcome == "complete" and best.may_become_best(study, record.values or record.value):
             # Only a trial that may become the best keeps its weights (the last seed's); the driver
             # promotes them to best/. save_pretrained writes what was trained: the adapter alone
             # (adapter_config.json) for LoRA, the whole model (config.json) for full fine-tuning.
@@ -239,24 +247,43 @@ def data_budget(cfg, train_tokens: int):
     return DataBudget(unit, amount, every)
 
 
-def _hooks(index, n_seeds, seed, lead, trial, tracker, progress, fault, cfg, model, device, time_to_target):
+def _hooks(index, n_seeds, seed, lead, trial, tracker, progress, fault, cfg, model, device, time_to_target,
+           pruned: dict):
     """The loop's step and evaluation hooks for seed number ``index``. Only the first seed's
-    curve goes to the pruner (the others run only if it was not pruned)."""
+    curve goes to the pruner (the others run only if it was not pruned). ``pruned`` receives the
+    rule and reason when the harness's own pruning stops the trial."""
     from harness.worker import faults
+    from harness.worker.metrics import peak_memory
 
     def on_step(step: int, done: float, loss: float) -> None:
         progress("step", step=step, done=(index + done) / n_seeds, loss=loss)
         if fault and step == fault.step and index == 0:
             faults.inject(fault, model(), device, tracker)
 
-    def on_eval(milestone: int, val_loss: float) -> str | None:
+    from harness.sweep import pruning
+    from harness.sweep.storage import report_intermediate
+
+    objectives = {o.metric: o.direction for o in cfg.all_objectives() if o.metric in (pruning.SPEED, pruning.MEMORY)}
+
+    def on_eval(milestone: int, val_loss: float, tokens_per_s: float | None) -> str | None:
         if not lead:
             return None  # rank 0's decision reaches every rank
         prune = False
         if index == 0:
-            trial.report(val_loss, milestone)
+            report_intermediate(trial, milestone, val_loss)
             tracker.log({"val_loss": val_loss}, step=milestone)
-            prune = bool(trial.should_prune())
+            if not cfg.multi_objective:
+                prune = bool(trial.should_prune())
+            elif cfg.pruner.name != "none":
+                # Optuna's pruners are single-objective: the harness's rules (sweep/pruning.py).
+                # Dominance is judged on the final validation loss, so not in a time-to-target study.
+                decision = pruning.decide(
+                    trial.study, objectives if cfg.objective.metric == "val_loss" else {}, milestone, val_loss,
+                    tokens_per_s, peak_memory(device)["peak_mem_mib"], cfg.pruner.n_startup_trials,
+                    cfg.pruner.n_warmup_steps)
+                prune = decision.prune
+                if prune:
+                    pruned.update(rule=decision.rule, reason=decision.reason)
         converged = time_to_target and val_loss <= cfg.objective.target
         progress("eval", step=milestone, val_loss=val_loss, prune=prune, seed=seed if n_seeds > 1 else None)
         return "converged" if converged else "pruned" if prune else None
@@ -291,6 +318,11 @@ def _objective(record: TrialResult, results: list, cfg, n_seeds: int) -> None:
     record.outcome, record.value = "complete", statistics.fmean(values)
     if n_seeds > 1:
         m.seed_values, m.value_std = values, statistics.stdev(values)
+    if cfg.multi_objective:
+        # Every objective, in the study's order: the loss one as above, speed and memory as measured.
+        measured = {"val_loss": m.val_loss, "time_to_target": m.time_to_target, "tokens_per_s": m.tokens_per_s,
+                    "peak_mem_mib": m.peak_mem_mib}
+        record.values = [float(measured[o.metric]) for o in cfg.all_objectives()]
 
 
 def die_with_parent() -> None:
