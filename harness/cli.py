@@ -55,17 +55,17 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     if importlib.util.find_spec("polars") is None:
         console.print(f"polars is not installed here: make the tables with `harness report {study_dir}`")
         return code
-    from harness.sweep.report import build_report
+    from harness.sweep.report import FIGURES, build_report
 
     out = build_report(study_dir, cfg.storage)
     if out["headline"]:
         console.print(out["headline"])
-    console.print(f"report: {out['summary']}  {out['parquet']}  {out['plot']}")
+    console.print("report: " + "  ".join(str(out[k]) for k in ("summary", "parquet", "plot", *FIGURES) if out[k]))
     return code
 
 
 def _cmd_report(args: argparse.Namespace, console: Console) -> int:
-    from harness.sweep.report import build_report
+    from harness.sweep.report import FIGURES, build_report
 
     study_dir = Path(args.study_dir)
     if not study_dir.is_dir():
@@ -77,7 +77,7 @@ def _cmd_report(args: argparse.Namespace, console: Console) -> int:
     except KeyError as err:
         raise HarnessError(f"{study_dir}: {err.args[0]}") from None
     console.print(out["summary"].read_text())
-    console.print(f"wrote {out['summary']}, {out['parquet']} and {out['plot']}")
+    console.print("wrote " + ", ".join(str(out[k]) for k in ("summary", "parquet", "plot", *FIGURES) if out[k]))
     return 0
 
 
@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "folder, which a worker cannot share)")
         cmd.add_argument("--gpus", help="GPU pool on this host, e.g. 0,1,2,3: one trial per GPU at once")
         cmd.set_defaults(func=_cmd_run)
-    report = sub.add_parser("report", help="rebuild trials.parquet, summary.md and curves.png from the storage")
+    report = sub.add_parser("report", help="rebuild trials.parquet, summary.md, curves.png and the other "
+                                           "figures from the storage")
     report.add_argument("study_dir", help="results/<study>")
     report.add_argument("--storage", help="storage URL when the study is not in the folder's study.db")
     report.set_defaults(func=_cmd_report)

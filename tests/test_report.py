@@ -1,0 +1,181 @@
+"""The report's tables and figures, from real Optuna studies built in a temporary SQLite storage
+(no training): parameter importance, parallel coordinates, throughput and memory by parameter, the
+Pareto front of a multi-objective study, the binned per-parameter table and the memory budget."""
+
+import json
+import math
+import random
+import warnings
+
+import optuna
+import polars as pl
+import pytest
+
+from harness.sweep.report import build_report, marginals, trials_frame
+from harness.sweep.storage import default_storage
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+DISTRIBUTIONS = {
+    "learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+    "lora_r": optuna.distributions.CategoricalDistribution([8, 16]),
+    "batch_size": optuna.distributions.CategoricalDistribution([2, 4]),
+}
+METRICS = ["val_loss", "tokens_per_s", "peak_mem_mib"]
+
+
+def make_study(study_dir, n: int = 14, objectives: int = 1, budget_mib: float | None = 12000, oom: tuple = (5,),
+               seed: int = 0) -> optuna.Study:
+    """A study as the driver leaves it: ``study.json`` naming it, trials with the harness's records
+    as user attributes, out-of-memory trials complete with the worst value and a constraint."""
+    study_dir.mkdir(parents=True, exist_ok=True)
+    (study_dir / "study.json").write_text(json.dumps({"study": "rep"}))
+    directions = ["minimize", "maximize", "minimize"][:objectives]
+    study = optuna.create_study(study_name="rep", storage=default_storage(study_dir), directions=directions)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(METRICS[:objectives])
+    if budget_mib is not None:
+        study.set_user_attr("memory_budget_mib", budget_mib)
+    rng = random.Random(seed)
+    for i in range(n):
+        p = {"learning_rate": 10 ** rng.uniform(-4, -2), "lora_r": rng.choice([8, 16]),
+             "batch_size": rng.choice([2, 4])}
+        loss = 2 + abs(math.log10(p["learning_rate"]) + 3) + 0.1 * rng.random()
+        tps = 1000.0 * p["batch_size"] + 100 * rng.random()
+        mem = 500.0 * p["batch_size"] + 10 * p["lora_r"] + rng.random()
+        failed = i in oom
+        attrs = {"outcome": "oom" if failed else "complete", "method": "lora", "device": "cpu",
+                 "tokens_per_s": tps, "peak_mem_mib": mem, "reached_training": True, "steps": 20}
+        if not failed:
+            attrs.update(value=loss, val_loss=loss, best_val_loss=loss, val_loss_start=4.0, train_s=1.0)
+        worst = [math.inf if d == "minimize" else -math.inf for d in directions]
+        trial = optuna.trial.create_trial(
+            params=p, distributions=DISTRIBUTIONS, values=worst if failed else [loss, tps, mem][:objectives],
+            user_attrs=attrs, intermediate_values={} if failed else {10: loss + 0.5, 20: loss})
+        if failed:
+            trial.set_constraint("oom", 1.0)
+        study.add_trial(trial)
+    return study
+
+
+def section(text: str, heading: str) -> str:
+    start = text.index(heading)
+    end = text.find("\n## ", start + len(heading))
+    return text[start:end if end > 0 else None]
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """A Markdown table's body rows, as cells."""
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:]]
+
+
+def test_single_objective_report_writes_every_figure_but_the_pareto_front(tmp_path):
+    study_dir = tmp_path / "rep"
+    study = make_study(study_dir)
+    out = build_report(study_dir)
+    assert {"parquet", "summary", "plot", "headline", "importance", "parallel", "params", "pareto"} <= set(out)
+    for key, name in [("plot", "curves.png"), ("importance", "importance.png"), ("parallel", "parallel.png"),
+                      ("params", "params.png")]:
+        assert out[key] == study_dir / name and out[key].read_bytes()[:8] == PNG, name
+    assert out["pareto"] is None and not (study_dir / "pareto.png").exists()
+    assert out["headline"].startswith("validation loss: base model 4.0000, best trial")
+
+    text = out["summary"].read_text()
+    assert "Memory budget: 12,000 MiB per trial (over it: infeasible)." in text
+    assert "## Best trial" in text and f"Trial {study.best_trial.number}:" in text and "## Pareto front" not in text
+    importance = table_rows(section(text, "## Parameter importance"))
+    assert {r[0] for r in importance} == {"learning_rate", "lora_r", "batch_size"}
+    assert sum(float(r[1]) for r in importance) == pytest.approx(1.0, abs=0.01)
+    assert "over 13 complete, feasible trials" in text  # the out-of-memory trial is left out
+
+    per_parameter = table_rows(section(text, "## Per parameter"))
+    lr_rows = [r for r in per_parameter if r[0] == "learning_rate"]
+    assert 1 < len(lr_rows) < 13, "learning rates are binned, not one row per value"
+    assert sum(int(r[2]) for r in lr_rows) == 13
+    assert {r[1] for r in per_parameter if r[0] == "lora_r"} == {"8", "16"}
+    assert {r[1] for r in per_parameter if r[0] == "batch_size"} == {"2", "4"}
+    assert build_report(study_dir)["summary"].read_text() == text, "a rebuilt report says the same"
+
+
+@pytest.mark.parametrize("objectives", [2, 3])
+def test_multi_objective_report_lists_the_pareto_front(tmp_path, objectives):
+    study_dir = tmp_path / "rep"
+    study = make_study(study_dir, objectives=objectives, budget_mib=None)
+    front = sorted(t.number for t in study.best_trials)
+    (study_dir / "best").mkdir()
+    (study_dir / "best" / "trial.json").write_text(json.dumps({"number": front[0]}))
+    out = build_report(study_dir)
+    assert out["pareto"] == study_dir / "pareto.png" and out["pareto"].read_bytes()[:8] == PNG
+    for key in ("importance", "parallel", "params", "plot"):
+        assert out[key].read_bytes()[:8] == PNG, key
+
+    text = out["summary"].read_text()
+    assert "Memory budget: none (only the card's memory)" in text
+    pareto = section(text, "## Pareto front")
+    header = next(line for line in pareto.splitlines() if line.startswith("| number"))
+    assert header.split(" | ")[1:1 + objectives] == METRICS[:objectives]
+    rows = table_rows(pareto)
+    assert sorted(int(r[0]) for r in rows) == front and 5 not in front
+    by_number = {t.number: t for t in study.best_trials}
+    for r in rows:
+        t = by_number[int(r[0])]
+        assert [float(v) for v in r[1:1 + objectives]] == pytest.approx(t.values, rel=1e-3)
+    assert f"trial {front[0]} (`best/trial.json`)" in pareto
+    assert "## Best trial" not in text
+    assert "the first objective, val_loss" in section(text, "## Parameter importance")
+
+
+def test_too_few_trials_skip_importance_and_parallel_coordinates(tmp_path):
+    study_dir = tmp_path / "rep"
+    make_study(study_dir, n=2, oom=(1,))
+    (study_dir / "parallel.png").write_bytes(PNG)  # left from an earlier report: removed
+    out = build_report(study_dir)
+    assert out["importance"] is None and out["parallel"] is None and out["pareto"] is None
+    assert not (study_dir / "importance.png").exists() and not (study_dir / "parallel.png").exists()
+    assert out["params"].read_bytes()[:8] == PNG  # throughput and memory need no comparison
+    text = out["summary"].read_text()
+    assert "Fewer than 2 complete, feasible trials (1)" in section(text, "## Parameter importance")
+
+
+def test_no_varying_parameter_skips_importance(tmp_path):
+    study_dir = tmp_path / "rep"
+    study_dir.mkdir()
+    (study_dir / "study.json").write_text(json.dumps({"study": "rep"}))
+    study = optuna.create_study(study_name="rep", storage=default_storage(study_dir))
+    for loss in (2.5, 2.4, 2.6):
+        study.add_trial(optuna.trial.create_trial(
+            params={"lora_r": 8}, distributions={"lora_r": DISTRIBUTIONS["lora_r"]}, value=loss,
+            user_attrs={"outcome": "complete", "val_loss": loss, "value": loss, "tokens_per_s": 10.0}))
+    out = build_report(study_dir)
+    assert out["importance"] is None and out["parallel"] is None
+    assert "No parameter varies" in out["summary"].read_text()
+
+
+def test_marginals_bin_continuous_floats_and_keep_few_values():
+    rows = [{"number": i, "outcome": "complete", "val_loss": 2.0 + i / 100, "param_weight_decay": i / 100,
+             "param_learning_rate": 1e-4 * 1.2 ** i, "param_lora_r": [8, 16, 32][i % 3]} for i in range(12)]
+    df = pl.DataFrame(rows)
+    dists = {"weight_decay": optuna.distributions.FloatDistribution(0.0, 0.11),
+             "learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+             "lora_r": optuna.distributions.CategoricalDistribution([8, 16, 32])}
+    table = marginals(df, ["param_weight_decay", "param_learning_rate", "param_lora_r"], dists)
+    assert table.columns == ["parameter", "value", "trials", "mean_val_loss", "best_val_loss"]
+    wd = table.filter(pl.col("parameter") == "weight_decay")
+    assert 1 < wd.height <= 5 and wd.get_column("trials").sum() == 12  # ~5 equal-width bins
+    lr = table.filter(pl.col("parameter") == "learning_rate")
+    # 1e-4 .. 7.4e-4: thirds of a decade 1–2.2, 2.2–4.6, 4.6–10 (×1e-4)
+    assert lr.get_column("value").to_list() == ["0.0001–0.00022", "0.00022–0.00046", "0.00046–0.001"]
+    assert table.filter(pl.col("parameter") == "lora_r").get_column("value").to_list() == ["8", "16", "32"]
+    # A continuous float is binned even with a few values.
+    few = marginals(df.head(3), ["param_learning_rate"], dists)
+    assert few.height == 1 and few.get_column("trials").to_list() == [3]
+
+
+def test_trials_frame_columns_unchanged_by_the_figures(tmp_path):
+    study = make_study(tmp_path / "rep", n=4)
+    df = trials_frame(study)
+    build_report(tmp_path / "rep")
+    assert pl.read_parquet(tmp_path / "rep" / "trials.parquet").columns == df.columns
