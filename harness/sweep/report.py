@@ -26,7 +26,7 @@ from harness.records import METRIC_TYPES, RECORD_TYPES
 from harness.sweep.best import best_trial
 
 from harness.files import atomic_path, write_text_atomic
-from harness.sweep.storage import default_storage, make_storage
+from harness.sweep.storage import curve, default_storage, make_storage
 from harness.sweep.study import superseded
 
 log = logging.getLogger(__name__)
@@ -393,6 +393,16 @@ def summary_markdown(study: optuna.Study, df: pl.DataFrame, study_dir: Path | No
                 "skipped_empty"]
         table = pl.DataFrame([{"split": name, **{c: float(s.get(c, 0)) for c in cols}} for name, s in data.items()])
         lines += ["## Data", "", "Per split: rows and tokens as trained (after truncation); the length figures are per row before truncation (BOS and EOS included).", "", _md(table), ""]
+    pruned = df.filter(pl.col("outcome") == "pruned")
+    if pruned.height:
+        saved = pruned.get_column("pruning_saved_s").drop_nulls().sum()
+        lines += ["## Pruning", "",
+                  f"{pruned.height} trial(s) pruned, saving about {saved:,.0f} s of training (each pruned trial's "
+                  f"remaining budget at the pace it had). Rule `loss`: behind the median of the complete trials at "
+                  f"the same data milestone; rule `dominance` (multi-objective studies): a finished trial is already "
+                  f"faster and smaller at a loss this one could not reach (harness/sweep/pruning.py).", "",
+                  _md(pruned.select("number", "pruned_by", "val_loss", "tokens_per_s", "peak_mem_mib",
+                                    "pruning_saved_s")), ""]
     infeasible = df.filter(~pl.col("feasible"))
     if infeasible.height:
         lines += ["## Infeasible trials", "", "Out of memory or over `memory_budget_mib`: recorded as infeasible "
@@ -418,14 +428,15 @@ def plot_curves(study: optuna.Study, out: Path) -> None:
               "RUNNING": "tab:gray"}
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for t in study.get_trials(deepcopy=False):
-        if not t.intermediate_values:
+        points = curve(t)  # intermediate values, or a multi-objective trial's curve attribute
+        if not points:
             continue
-        steps, losses = zip(*sorted(t.intermediate_values.items()))
+        steps, losses = zip(*sorted(points.items()))
         kind = "INFEASIBLE" if any(v > 0 for v in t.constraints.values()) else t.state.name
         ax.plot(steps, losses, marker="o", ms=3, color=colors.get(kind, "black"), alpha=0.8)
         ax.annotate(str(t.number), (steps[-1], losses[-1]), fontsize=7, xytext=(3, 0), textcoords="offset points")
     shown = {"INFEASIBLE" if any(v > 0 for v in t.constraints.values()) else t.state.name
-             for t in study.get_trials(deepcopy=False) if t.intermediate_values}
+             for t in study.get_trials(deepcopy=False) if curve(t)}
     for state, c in colors.items():
         if state in shown:
             ax.plot([], [], color=c, label=state.lower())
