@@ -133,6 +133,43 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace, console: Console) -> int:
+    from rich import box
+    from rich.table import Table
+
+    from harness import params
+    from harness.sweep import predict as pm
+    from harness.sweep.config import load_sweep
+
+    if args.samples <= 0:
+        raise HarnessError(f"--samples must be > 0 (got {args.samples})")
+    cfg = load_sweep(args.sweep)
+    arch = pm.architecture(cfg, Path(args.sweep).resolve().parent)
+    configs, whole = pm.sweep_configs(cfg, args.samples)
+    shown = list(dict.fromkeys([*cfg.search_space.searched(), "method", "batch_size", "lora_r"]))
+    limits = [(f"{name} {limit:,.0f}", limit, ctx) for name, limit, ctx in
+              (("memory_budget_mib", cfg.memory_budget_mib, False), ("--card-mib", args.card_mib, True)) if limit]
+    table = Table(box=box.SIMPLE, pad_edge=False, title=f"{cfg.study}: predicted peak GPU memory, MiB "
+                  f"({'the whole grid' if whole else f'{len(configs)} random samples, seed {cfg.seed}'})")
+    for name in [*shown, "total", "fixed", "optim", "activ", ""]:
+        table.add_column(name, justify="left" if name in ("method", "") else "right", no_wrap=True)
+    for p in configs:
+        pred = pm.predict(cfg, p, arch)
+        g = pred.groups()
+        over = any(pm.over_limit(pred, limit, include_context=ctx) for _, limit, ctx in limits)
+        shown_values = params.applicable(p)
+        table.add_row(*["-" if (v := shown_values[n]) is None else f"{v:.3g}" if isinstance(v, float) else str(v)
+                        for n in shown],
+                      f"{pred.total_mib:,.0f}", f"{g['fixed']:,.0f}", f"{g['optimizer']:,.0f}",
+                      f"{g['activations']:,.0f}", "[red]over[/]" if over else "")
+    Console(file=console.file, width=max(console.width, 200)).print(table)  # a pipe or a log keeps every column
+    console.print(f"total: the CUDA context ({pm.CUDA_CONTEXT_MIB:,.0f}) + fixed (weights) + optim (adapters or "
+                  "weights' training state) + activ (activations, logits)"
+                  + (f"; over: predicted x 1.05 > {' or '.join(n for n, _, _ in limits)}" if limits else ""),
+                  highlight=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description="Optuna sweeps of Unsloth LoRA fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--weights", "--adapter", dest="weights",
                     help="a LoRA adapter or full model folder (default: <study_dir>/best)")
     ev.set_defaults(func=_cmd_eval)
+    pr = sub.add_parser("predict", help="predict each config's peak GPU memory (no GPU, no torch)")
+    pr.add_argument("sweep", help="sweep file, e.g. sweeps/mistral7b.yaml")
+    pr.add_argument("--samples", type=int, default=8, help="random configs when the space has ranges (default 8)")
+    pr.add_argument("--card-mib", type=float, help="mark configs predicted over this much GPU memory")
+    pr.set_defaults(func=_cmd_predict)
     return parser
 
 

@@ -8,7 +8,8 @@ from conftest import ROOT
 TORCH_FREE = ["harness.cli", "harness.params", "harness.records", "harness.errors", "harness.files",
               "harness.sweep.config", "harness.sweep.study", "harness.sweep.storage", "harness.sweep.driver",
               "harness.sweep.display", "harness.sweep.report", "harness.sweep.plots", "harness.sweep.best",
-              "harness.sweep.wandb_check", "harness.launch", "harness.bench.runner"]
+              "harness.sweep.wandb_check", "harness.launch", "harness.bench.runner", "harness.sweep.predict",
+              "harness.sweep.pruning"]
 
 
 def test_the_sweep_launch_and_bench_driver_modules_import_without_torch():
