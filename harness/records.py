@@ -24,6 +24,7 @@ OUTCOME_STATE: dict[str, State] = {
     "complete": "complete",
     "pruned": "pruned",
     "oom": "infeasible",          # out of memory: a property of the config, an Optuna constraint
+    "predicted_oom": "infeasible",  # predicted over the memory budget or the card: not run (sweep/predict.py)
     "over_budget": "infeasible",  # over memory_budget_mib
     "not_converged": "infeasible",  # time_to_target: the target loss not reached within the budget
     "crash": "fail",              # ended without a result (signal, segfault, exit)
@@ -69,6 +70,8 @@ class Metrics:
     budget: float | None = None
     best_val_loss: float | None = None
     val_loss_start: float | None = None  # before training: the base model's validation loss
+    predicted_mem_mib: float | None = None  # the calibrated prediction of peak_mem_mib, made before it ran
+    predicted_total_mib: float | None = None  # the same with the CUDA context: what the card must hold
     pruning_saved_s: float | None = None  # a pruned trial: the training seconds its remaining budget would have taken
     time_to_target: float | None = None  # tokens or seconds (objective.measure); None: not reached
     seed_values: list[float] | None = None  # the objective per seed, when seeds > 1

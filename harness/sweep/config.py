@@ -298,6 +298,9 @@ class SweepConfig(_Strict):
     n_trials: int = Field(default=8, gt=0)
     timeout: float | None = Field(default=None, gt=0)
     memory_budget_mib: float | None = Field(default=None, gt=0)  # over it: the trial is infeasible
+    # Skip a config whose predicted peak memory is over the budget or the card (sweep/predict.py):
+    # auto on GPU hosts, on, or off (the prediction is recorded either way).
+    predicted_oom: Literal["auto", "on", "off"] = "auto"
     fault_tolerance: FaultTolerance = FaultTolerance()
     storage: str | None = None
     wandb: WandbConfig = WandbConfig()

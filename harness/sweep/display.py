@@ -65,6 +65,8 @@ class Display:
             self.console.print(f"  {tag}[red]trial {number} failed[/]: {escape(first)}{then}")
         elif result.outcome == "not_converged":
             self.console.print(f"  {tag}trial {number} [yellow]not converged[/]: best val_loss {m.best_val_loss:.4f}")
+        elif result.outcome == "predicted_oom":
+            self.console.print(f"  {tag}trial {number} [yellow]skipped[/]: {escape(result.reason or '')}")
         elif result.outcome == "oom":
             self.console.print(f"  {tag}trial {number} [yellow]infeasible[/]: out of memory at "
                                f"{m.mem_at_failure_mib or 0:,.0f} MiB (peak {m.peak_mem_mib or 0:,.0f} MiB)")

@@ -27,7 +27,8 @@ from harness.sweep.best import promote
 from harness.sweep.config import SweepConfig
 from harness.sweep.display import Display
 from harness.sweep.storage import default_storage, fail_stale, heartbeat, redact, study_lock
-from harness.sweep.study import counted_trials, create_study, finished_count, record_result, suggest
+from harness.sweep.predict import StudyMemory
+from harness.sweep.study import counted_trials, create_study, finished_count, record_result, suggest, trial_params
 from harness.sweep.wandb_check import remove_empty_runs, study_wandb_mode
 
 WAIT = "wait"
@@ -147,6 +148,9 @@ def run_sweep(
     running: dict[str, optuna.Trial] = {}
     counts = {"ran": 0, "trained": 0}
     cannot_run: list[TrialResult] = []
+    memory = StudyMemory(cfg, sweep_dir, [
+        (trial_params(t, cfg), t.user_attrs) for t in study.get_trials(deepcopy=False)
+        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)])
 
     def slot_loop(slot: str, display: Display) -> None:
         while not stop.is_set():
@@ -167,6 +171,19 @@ def run_sweep(
             retry_of = next((t.system_attrs.get("failed_trial") for t in study.get_trials(deepcopy=False)
                              if t.number == trial.number), None)
             display.start_trial(slot, trial.number, params, retry_of)
+            prediction, too_big = memory.check(params)
+            if prediction is not None:
+                predicted = dict(predicted_mem_mib=round(prediction.peak_mib, 1),
+                                 predicted_total_mib=round(prediction.total_mib, 1))
+                trial.set_user_attr("predicted_mem_mib", predicted["predicted_mem_mib"])
+            if too_big:
+                # Infeasible without running: the sampler learns from it as from a real out-of-memory.
+                skipped = TrialResult(number=trial.number, outcome="predicted_oom", reason=too_big)
+                skipped.metrics.update(**predicted)
+                record_result(study, trial, skipped, cfg.fault_tolerance.max_retries, driver_id, cfg.memory_budget_mib)
+                display.end_trial(slot, skipped, study, False)
+                counts["ran"] += 1
+                continue
             running[slot] = trial
             with heartbeat(study, trial):
                 # The slot's next trial process gets ready while this one trains (standby).
@@ -175,6 +192,10 @@ def run_sweep(
             running.pop(slot, None)
             if stop.is_set():
                 return
+            if prediction is not None:
+                result.metrics.update(**predicted)
+                if result.outcome in ("complete", "pruned", "over_budget"):
+                    memory.learn(params, result.metrics.present())
             retried = record_result(study, trial, result, cfg.fault_tolerance.max_retries, driver_id, cfg.memory_budget_mib,
                                     cfg.objective.target)
             promote(study, study_dir, trial.number)

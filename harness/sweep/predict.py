@@ -524,3 +524,84 @@ def sweep_configs(cfg: Any, samples: int = 8) -> tuple[list[dict[str, Any]], boo
         out.append(hp.typed({**fixed, **draw}))
     return out, False
 
+
+
+# -- in a study: predict before each trial, skip what cannot fit, learn from what ran -------------
+
+def card_memory() -> tuple[str | None, float | None]:
+    """The first visible GPU's name and total memory (MiB) through NVML; (None, None) without one."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            name = pynvml.nvmlDeviceGetName(handle)
+            total = pynvml.nvmlDeviceGetMemoryInfo(handle).total / MIB
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no library, no driver, no device: nothing to check against
+        return None, None
+    return (name.decode() if isinstance(name, bytes) else name), float(total)
+
+
+class StudyMemory:
+    """The driver's memory predictor for one study.
+
+    Before a trial starts: its peak memory predicted by the analytic model, calibrated by the
+    measured peaks of this study's finished GPU trials (or, before any, by the calibration cached
+    for this GPU and software); a config predicted over ``memory_budget_mib`` (the allocator's
+    peak) or over the card (context included), with a ``margin`` of safety, is infeasible without
+    running (``predicted_oom``). After a GPU trial: its (prediction, measured peak) pair refits the
+    calibration, which is saved to the cache for the next study.
+
+    ``skip`` (``predicted_oom`` in the sweep file): ``auto`` skips on GPU hosts only (the model
+    predicts GPU memory; a CPU trial is judged by its RSS), ``on`` always, ``off`` never; the
+    prediction is recorded either way.
+    """
+
+    def __init__(self, cfg: Any, sweep_dir: Path | None, completed: Iterable[tuple[Mapping, Mapping]] = (),
+                 margin: float = 0.05):
+        self.cfg, self.margin = cfg, margin
+        self.gpu_name, self.card_mib = card_memory()
+        try:
+            self.arch = architecture(cfg, sweep_dir)
+        except HarnessError:
+            self.arch = None  # a hub model not in the local cache: no prediction, nothing skipped
+        mode = getattr(cfg, "predicted_oom", "auto")
+        self.skip = mode == "on" or (mode == "auto" and self.gpu_name is not None)
+        self.key = fingerprint_key(self.gpu_name, software_versions()) if self.gpu_name else None
+        self.pairs: list[tuple[dict, float]] = []
+        for params, attrs in completed:
+            self._add(params, attrs)
+        self.calibration = (Calibration.fit(self.pairs) if self.pairs else
+                            load_calibration(self.key) if self.key else Calibration.fit([]))
+
+    def _add(self, params: Mapping, attrs: Mapping) -> None:
+        if self.arch is None or attrs.get("device") != "cuda" or not attrs.get("peak_mem_mib"):
+            return
+        self.pairs.append((predict(self.cfg, params, self.arch).parts, float(attrs["peak_mem_mib"])))
+
+    def check(self, params: Mapping) -> tuple[Prediction | None, str | None]:
+        """(the calibrated prediction, the reason it cannot fit, or None)."""
+        if self.arch is None:
+            return None, None
+        pred = self.calibration.apply(predict(self.cfg, params, self.arch))
+        if not self.skip:
+            return pred, None
+        budget = self.cfg.memory_budget_mib
+        if budget and over_limit(pred, budget, self.margin, include_context=False):
+            return pred, (f"predicted out of memory: {pred.peak_mib:,.0f} MiB predicted (+{self.margin:.0%} margin) "
+                          f"is over memory_budget_mib {budget:,.0f}; not run")
+        if self.card_mib and over_limit(pred, self.card_mib, self.margin):
+            return pred, (f"predicted out of memory: {pred.total_mib:,.0f} MiB predicted with the CUDA context "
+                          f"(+{self.margin:.0%} margin) is over the card's {self.card_mib:,.0f} MiB; not run")
+        return pred, None
+
+    def learn(self, params: Mapping, attrs: Mapping) -> None:
+        before = len(self.pairs)
+        self._add(params, attrs)
+        if len(self.pairs) > before:
+            self.calibration = Calibration.fit(self.pairs)
+            if self.key:
+                save_calibration(self.key, self.calibration)

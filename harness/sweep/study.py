@@ -154,6 +154,8 @@ def record_result(study: optuna.Study, trial: optuna.Trial, result: TrialResult,
         trial.set_constraint("memory_budget", result.metrics.peak_mem_mib - memory_budget_mib)
     elif result.outcome == "oom":
         trial.set_constraint("memory_budget" if memory_budget_mib else "oom", 1.0)
+    elif result.outcome == "predicted_oom":
+        trial.set_constraint("predicted_oom", 1.0)
     elif result.outcome == "not_converged":
         # How far from the target it stayed: positive, so never feasible, never best.
         trial.set_constraint("not_converged", max(1e-9, result.metrics.best_val_loss - target)
