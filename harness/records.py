@@ -101,7 +101,7 @@ class TrialResult:
     outcome: str
     value: float | None = None       # the objective (validation loss) when complete or pruned
     values: list[float] | None = None  # every objective, in the study's order (multi-objective studies)
-    pruned_by: str | None = None     # loss (behind the others at equal data) | dominance (see sweep/pruning.py)
+    pruned_by: str | None = None     # median | hyperband (Optuna's, one objective) | loss | dominance (sweep/pruning.py)
     reason: str | None = None        # why it failed or is infeasible, one line first
     log_tail: str | None = None      # the last lines of trials/<n>/log.txt
     start_method: str | None = None  # fork | standby | spawn | torchrun

@@ -398,9 +398,10 @@ def summary_markdown(study: optuna.Study, df: pl.DataFrame, study_dir: Path | No
         saved = pruned.get_column("pruning_saved_s").drop_nulls().sum()
         lines += ["## Pruning", "",
                   f"{pruned.height} trial(s) pruned, saving about {saved:,.0f} s of training (each pruned trial's "
-                  f"remaining budget at the pace it had). Rule `loss`: behind the median of the complete trials at "
-                  f"the same data milestone; rule `dominance` (multi-objective studies): a finished trial is already "
-                  f"faster and smaller at a loss this one could not reach (harness/sweep/pruning.py).", "",
+                  f"remaining budget at the pace it had). `median`, `hyperband`: Optuna's pruner (one objective); "
+                  f"in multi-objective studies, `loss`: behind the median of the complete trials at the same data "
+                  f"milestone, `dominance`: a finished trial is already faster and smaller at a loss this one could "
+                  f"not reach (harness/sweep/pruning.py).", "",
                   _md(pruned.select("number", "pruned_by", "val_loss", "tokens_per_s", "peak_mem_mib",
                                     "pruning_saved_s")), ""]
     infeasible = df.filter(~pl.col("feasible"))

@@ -210,7 +210,8 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
         )
         _objective(record, results, cfg, len(seeds))
         if record.outcome == "pruned":
-            record.pruned_by = pruned.get("rule", "loss")
+            # Optuna's pruner (single objective) is named as configured; the harness's rules by rule.
+            record.pruned_by = pruned.get("rule", cfg.pruner.name)
             record.reason = pruned.get("reason")
             # The training time its remaining budget would have taken, at the pace it had.
             done = first.history[-1]["milestone"] if first.history else 0
