@@ -69,8 +69,3 @@ PRESETS: dict[str, dict] = {
 
 def is_preset(name: str) -> bool:
     return name in PRESETS
-
-
-def is_pretrained(name: str) -> bool:
-    """A preset that the harness pretrains (a base that learns), not a random init."""
-    return "pretrain" in PRESETS.get(name, {})

@@ -172,10 +172,9 @@ def run_sweep(
                              if t.number == trial.number), None)
             display.start_trial(slot, trial.number, params, retry_of)
             prediction, too_big = memory.check(params)
-            if prediction is not None:
+            if prediction is not None:  # goes into the trial's record below, whatever its outcome
                 predicted = dict(predicted_mem_mib=round(prediction.peak_mib, 1),
                                  predicted_total_mib=round(prediction.total_mib, 1))
-                trial.set_user_attr("predicted_mem_mib", predicted["predicted_mem_mib"])
             if too_big:
                 # Infeasible without running: the sampler learns from it as from a real out-of-memory.
                 skipped = TrialResult(number=trial.number, outcome="predicted_oom", reason=too_big)

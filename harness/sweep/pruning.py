@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import optuna
 
+from harness.sweep.best import feasible
 from harness.sweep.storage import curve
 
 SPEED, MEMORY, LOSS = "tokens_per_s", "peak_mem_mib", "val_loss"
@@ -51,7 +52,7 @@ def finished_trials(study: optuna.Study) -> list[Finished]:
     out = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         loss = t.user_attrs.get(LOSS)
-        if loss is None or any(v > 0 for v in t.constraints.values()):
+        if loss is None or not feasible(t):
             continue
         out.append(Finished(t.number, curve(t), float(loss), t.user_attrs.get(SPEED),
                             t.user_attrs.get(MEMORY)))

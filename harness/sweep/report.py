@@ -23,7 +23,7 @@ import polars as pl
 from harness import params
 from harness.sweep import plots
 from harness.records import METRIC_TYPES, RECORD_TYPES
-from harness.sweep.best import best_trial
+from harness.sweep.best import best_trial, feasible
 
 from harness.files import atomic_path, write_text_atomic
 from harness.sweep.storage import curve, default_storage, make_storage
@@ -58,7 +58,7 @@ def trials_frame(study: optuna.Study) -> pl.DataFrame:
     rows = []
     for t in trials:
         row: dict[str, Any] = {name: t.user_attrs.get(name) for name in COLUMNS}
-        row.update(number=t.number, state=t.state.name, feasible=all(v <= 0 for v in t.constraints.values()),
+        row.update(number=t.number, state=t.state.name, feasible=feasible(t),
                    duration_s=t.duration.total_seconds() if t.duration else None)
         if t.number in retried and not row["outcome"]:
             row["outcome"] = "stale_retried"  # its driver died; a retry ran its parameters
@@ -226,7 +226,7 @@ def copy_of(study: optuna.Study, keep: Callable[[optuna.trial.FrozenTrial], bool
 
 def feasible_study(study: optuna.Study) -> optuna.Study:
     """The complete, feasible trials with finite values: what importance and parallel coordinates read."""
-    return copy_of(study, lambda t: _finite(t) and all(v <= 0 for v in t.constraints.values()))
+    return copy_of(study, lambda t: _finite(t) and feasible(t))
 
 
 def varying(study: optuna.Study) -> list[str]:

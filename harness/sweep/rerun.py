@@ -22,7 +22,7 @@ from rich.console import Console
 
 from harness.errors import HarnessError
 from harness.files import write_text_atomic
-from harness.sweep.best import best_trial
+from harness.sweep.best import best_trial, feasible
 from harness.sweep.config import SweepConfig
 from harness.sweep.storage import default_storage, make_storage
 
@@ -36,7 +36,7 @@ def top_configs(study: optuna.Study, n: int) -> list[optuna.trial.FrozenTrial]:
         raise HarnessError(f"study '{study.study_name}' has no complete trial to rerun")
     minimize = study.direction == optuna.study.StudyDirection.MINIMIZE
     done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-            if all(v <= 0 for v in t.constraints.values()) and t.value is not None and math.isfinite(t.value)]
+            if feasible(t) and t.value is not None and math.isfinite(t.value)]
     done.sort(key=lambda t: t.value if minimize else -t.value)
     picked: list[optuna.trial.FrozenTrial] = []
     for t in done:

@@ -122,7 +122,7 @@ def train(
     budget: DataBudget, timing_warmup_steps: int,
     on_step: Callable[[int, float, float], None], on_eval: Callable[[int, float, float | None], str | None],
     dist: Dist = Dist(),
-    evaluate_start: bool = True,
+    evaluate_start: bool = False,
 ) -> TrainResult:
     """Train with AdamW until the data budget is spent (or ``p.epochs`` passes over the data),
     validating at each of the budget's milestones.
@@ -131,7 +131,7 @@ def train(
     ``on_eval(milestone, val_loss, tokens_per_s)`` (the speed after the warm-up steps, None before
     any timed step) returning a reason (``"pruned"``, ``"converged"``) stops
     training. Validation always runs on the unpacked rows, so packed and padded trials are
-    compared alike.
+    compared alike. ``evaluate_start`` also validates before the first step (``val_loss_start``).
     """
     if p.packing:
         train_rows = pack(train_rows, max_seq_length)

@@ -49,10 +49,11 @@ def corpus_sequences(tok, seq_len: int) -> np.ndarray:
 
     with open(shakespeare_csv("speeches"), newline="", encoding="utf-8") as f:
         texts = [row["text"] for row in csv.DictReader(f) if row["text"].strip()]
-    ids = tok(texts, add_special_tokens=False)["input_ids"]
-    flat = np.fromiter((t for doc in ids for t in (tok.bos_token_id, *doc, tok.eos_token_id)), dtype=np.int64)
-    n = len(flat) // seq_len
-    return flat[: n * seq_len].reshape(n, seq_len)
+    from harness.worker.batching import pack
+
+    docs = [(np.array([tok.bos_token_id, *ids, tok.eos_token_id], dtype=np.int64), None)
+            for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+    return np.stack([seq for seq, _ in pack(docs, seq_len)])
 
 
 def progress_writer(path: str | None) -> ProgressFn | None:

@@ -174,6 +174,8 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
                     model, train_rows, val_rows, params, pad_id=pad_id, device=device, seed=seed,
                     max_seq_length=cfg.max_seq_length, budget=budget,
                     timing_warmup_steps=cfg.budget.timing_warmup_steps, on_step=on_step, on_eval=on_eval, dist=dist,
+                    # The untrained model's loss is the same for every seed (a LoRA starts as a no-op).
+                    evaluate_start=index == 0,
                 )
                 results.append(result)
                 if result.stopped_by == "pruned":
