@@ -82,6 +82,8 @@ class Metrics:
     setup_s: float | None = None
     load_s: float | None = None
     preimport_s: float | None = None
+    worker_trial: int | None = None  # warm workers: this trial's number within its worker (1: its first)
+    base_reused: bool | None = None  # warm workers: the base was already loaded by an earlier trial
 
     def update(self, **values: Any) -> None:
         for key, value in values.items():
@@ -104,7 +106,7 @@ class TrialResult:
     pruned_by: str | None = None     # median | hyperband (Optuna's, one objective) | loss | dominance (sweep/pruning.py)
     reason: str | None = None        # why it failed or is infeasible, one line first
     log_tail: str | None = None      # the last lines of trials/<n>/log.txt
-    start_method: str | None = None  # fork | standby | spawn | torchrun
+    start_method: str | None = None  # fork | standby | spawn | torchrun | warm
     seed: int | None = None          # the trial's seed (the first, when seeds > 1)
     seeds: list[int] | None = None
     host: str | None = None

@@ -7,8 +7,11 @@ hang watchdog and return a :class:`~harness.records.TrialResult` (``base``):
 
 - **fork** (default where no NVIDIA device is visible): a fork server imports the stack once;
   each trial is a fresh fork of it.
-- **standby** (default on GPU hosts): each slot keeps a spawned trial process, imports done,
-  waiting for its trial (CUDA, once initialised, cannot be forked).
+- **warm** (default on GPU hosts): each slot keeps one worker process that runs trial after
+  trial with the base model loaded and compiled kernels kept; a fresh adapter, optimizer and data
+  order per trial; the worker is replaced after any failure (``warm``).
+- **standby**: each slot keeps a spawned trial process, imports done, waiting for its trial
+  (CUDA, once initialised, cannot be forked).
 - **spawn**: ``python -m harness.worker.trial``, which imports for itself.
 - **torchrun**: one trial over ``gpus_per_trial`` GPUs, a process per GPU.
 
@@ -29,8 +32,10 @@ from harness.launch.base import Launcher, child_env, log_tail
 from harness.launch.fork import ForkLauncher
 from harness.launch.spawn import SpawnLauncher, TorchrunLauncher
 from harness.launch.standby import StandbyLauncher
+from harness.launch.warm import WarmLauncher
 
-__all__ = ["Launcher", "ForkLauncher", "SpawnLauncher", "StandbyLauncher", "TorchrunLauncher", "make_launcher",
+__all__ = ["Launcher", "ForkLauncher", "SpawnLauncher", "StandbyLauncher", "TorchrunLauncher", "WarmLauncher",
+           "make_launcher",
            "default_start_method", "run_prepare"]
 
 
@@ -39,16 +44,18 @@ def nvidia_visible() -> bool:
 
 
 def default_start_method(device: str) -> str:
-    return "fork" if device == "cpu" or not nvidia_visible() else "standby"
+    return "fork" if device == "cpu" or not nvidia_visible() else "warm"
 
 
 def make_launcher(start_method: str, study_dir: Path, storage_url: str, slot_env: dict[str, dict[str, str]],
-                  hang_timeout_s: float | None, gpus_per_trial: int = 1) -> Launcher:
+                  hang_timeout_s: float | None, gpus_per_trial: int = 1, worker_max_trials: int = 50) -> Launcher:
     """The launcher for ``start_method`` (``auto`` resolved by the caller); trials spanning several
     GPUs always use torchrun."""
     args = (study_dir, storage_url, slot_env, hang_timeout_s)
     if gpus_per_trial > 1:
         return TorchrunLauncher(*args, nproc=gpus_per_trial)
+    if start_method == "warm":
+        return WarmLauncher(*args, max_trials=worker_max_trials)
     kinds = {"fork": ForkLauncher, "standby": StandbyLauncher, "spawn": SpawnLauncher}
     return kinds[start_method](*args)
 

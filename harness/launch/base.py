@@ -123,7 +123,7 @@ class Launcher(ABC):
                 on_event(number, ev)
             if events:
                 last = time.monotonic()
-            elif not process.alive():
+            if not process.alive():  # checked after events too: a warm worker's trial ends with one
                 for ev in channel.read(0):  # what it wrote just before ending
                     on_event(number, ev)
                 return False, reached_training

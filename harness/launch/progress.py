@@ -79,3 +79,12 @@ class ProgressWriter:
                 self.out.write(json.dumps({"event": event, **fields}) + "\n")
             except OSError:
                 self.out = None
+
+    def close(self) -> None:
+        """Close the channel (a warm worker's trial is over; the process goes on)."""
+        if self.out is not None:
+            try:
+                self.out.close()
+            except OSError:
+                pass
+            self.out = None

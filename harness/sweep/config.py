@@ -279,8 +279,10 @@ class SweepConfig(_Strict):
     seed: int = 0
     seeds: int = Field(default=1, ge=1)  # > 1: each config trains once per seed; the objective is their mean
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # auto: fork where no NVIDIA GPU is visible, standby where one is (see harness/launcher.py)
-    start_method: Literal["auto", "fork", "standby", "spawn"] = "auto"
+    # auto: fork where no NVIDIA GPU is visible, warm where one is (see harness/launch/__init__.py)
+    start_method: Literal["auto", "fork", "standby", "spawn", "warm"] = "auto"
+    # warm: a worker runs at most this many trials before a fresh one replaces it
+    worker_max_trials: int = Field(default=50, ge=1)
     gpus_per_trial: int = Field(default=1, ge=1)  # > 1: torchrun, one process per GPU (Gloo processes on CPU)
     model: ModelConfig
     dataset: DatasetConfig = DatasetConfig()

@@ -140,7 +140,7 @@ def run_sweep(
     start_method = default_start_method(cfg.device) if cfg.start_method == "auto" else cfg.start_method
     slots = _slots(gpus, cfg.gpus_per_trial)
     launcher = make_launcher(start_method, study_dir, storage_url, slots, cfg.budget.hang_timeout_s,
-                             cfg.gpus_per_trial)
+                             cfg.gpus_per_trial, cfg.worker_max_trials)
     driver_id = f"{socket.gethostname()}:{os.getpid()}"
     deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
     next_lock = threading.Lock()

@@ -12,6 +12,11 @@ Progress goes as JSON lines to the named pipe in ``HARNESS_PROGRESS`` (``harness
 ``python -m harness.worker.trial --standby STUDY_DIR`` is a trial process started before its
 trial: it imports the training stack, then reads its trial's number from stdin
 (``harness.launch.standby``).
+
+``python -m harness.worker.trial --warm STUDY_DIR`` is a warm trial worker (``harness.launch.warm``):
+it runs one trial after another, each named on stdin, keeping the loaded base model and what was
+compiled between them (:class:`harness.worker.warm.WarmBase`); it answers each trial on the file
+descriptor in ``HARNESS_WARM_REPLY_FD`` and ends when it should not be reused (:class:`Worker`).
 """
 
 from __future__ import annotations
@@ -65,8 +70,26 @@ class _Stage:
     reached_training = False
 
 
+class Worker:
+    """What a warm worker keeps between its trials: the base it lends adapters from, and whether
+    it may take another trial (``retire`` says why not)."""
+
+    def __init__(self, max_trials: int):
+        self.base = None  # a harness.worker.warm.WarmBase once a LoRA trial has loaded one
+        self.max_trials = max_trials
+        self.trials = 0
+        self.retire: str | None = None
+
+    def drop_base(self, device: str) -> None:
+        from harness.worker.metrics import release_cached_memory
+
+        self.base = None
+        gc.collect()
+        release_cached_memory(device)
+
+
 def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, stage: _Stage,
-              preimport_s: float | None = None) -> TrialResult:
+              preimport_s: float | None = None, worker: Worker | None = None) -> TrialResult:
     t0 = time.perf_counter()
     import_training_stack()  # instant when a fork server or a standby process did it already
     import_s = time.perf_counter() - t0
@@ -108,8 +131,11 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
              dtype=str(dtype).removeprefix("torch."), import_s=round(import_s, 3),
              spawn_s=round(time.time() - started_at - (time.perf_counter() - t0), 3), world_size=dist.world,
              method=params.method)
-    if preimport_s is not None:  # a standby process imported before its trial came
+    if preimport_s is not None:  # a standby process or warm worker imported before its trial came
         m.preimport_s = round(preimport_s, 3)
+    if worker is not None:
+        worker.trials += 1
+        m.worker_trial = worker.trials
     T.reset_peak_memory(device)
     if device == "cuda":
         if cfg.memory_budget_mib:
@@ -147,14 +173,25 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
                     # memory is its own (measured on an H100: 28.7 GiB against 17.0 GiB without this).
                     peaks.append(T.peak_memory(device))
                     model = tokenizer = None
+                    if worker is not None and worker.base is not None:
+                        worker.base.give_back()
                     gc.collect()
                     T.release_cached_memory(device)
                     T.reset_peak_memory(device)
-                model, tokenizer = T.load_trainable_model(
-                    prepared.model_dir, params, max_seq_length=cfg.max_seq_length, dtype=dtype,
-                    load_in_4bit=cfg.model.load_in_4bit, target_modules=cfg.model.target_modules,
-                    checkpointing=cfg.model.gradient_checkpointing, seed=seed,
-                )
+                if worker is not None and params.method == "lora":
+                    model, tokenizer = _lend(worker, prepared.model_dir, params, cfg, dtype, device, seed, m)
+                else:
+                    if worker is not None:
+                        # A full fine-tune trains the base itself: it loads its own, and the worker
+                        # retires after it (nothing of it is kept for the next trial).
+                        worker.drop_base(device)
+                        T.reset_peak_memory(device)
+                        worker.retire = "a full fine-tune changes the weights it loaded"
+                    model, tokenizer = T.load_trainable_model(
+                        prepared.model_dir, params, max_seq_length=cfg.max_seq_length, dtype=dtype,
+                        load_in_4bit=cfg.model.load_in_4bit, target_modules=cfg.model.target_modules,
+                        checkpointing=cfg.model.gradient_checkpointing, seed=seed,
+                    )
                 if index == 0:
                     trainable, total = T.parameter_counts(model)
                     m.update(trainable_params=trainable, total_params=total)
@@ -193,8 +230,6 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
             record.outcome, record.reason = "oom", f"out of memory: {m.oom_error}"
             return record
         first = results[0]
-        for h in first.history:
-            tracker.log({"train_loss": h["train_loss"], "tokens_per_s": h["tokens_per_s"]}, step=h["milestone"])
         peaks.append(T.peak_memory(device))
         m.update(**{key: max(p[key] for p in peaks) for key in peaks[-1]})  # the largest seed's peak
         per_rank = dist.gather(m.peak_mem_mib)
@@ -235,6 +270,28 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
     return record
 
 
+def _lend(worker: Worker, model_dir: str, params, cfg, dtype, device: str, seed: int, m: Metrics):
+    """(model, tokenizer) from the worker's base: loaded now if it has none or one loaded
+    differently (``base_reused`` records which), with a fresh adapter for this seed."""
+    from harness.worker import loop as T
+    from harness.worker.warm import BaseKey, WarmBase
+
+    key = BaseKey(model_dir, cfg.max_seq_length, str(dtype).removeprefix("torch."), bool(cfg.model.load_in_4bit))
+    reused = worker.base is not None and worker.base.key == key
+    if not reused:
+        if worker.base is not None:
+            worker.drop_base(device)
+        worker.base = WarmBase(key, device)
+    # lend() resets the peak counters: a warm trial's peak memory starts at its adapter, the base
+    # resident (a fresh process's would also count the load's transients, which training exceeds).
+    if m.base_reused is None:
+        m.base_reused = reused
+    model = worker.base.lend(lora_r=params.lora_r, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
+                             target_modules=cfg.model.target_modules,
+                             checkpointing=cfg.model.gradient_checkpointing, seed=seed)
+    return model, worker.base.tokenizer
+
+
 def data_budget(cfg, train_tokens: int):
     """The sweep's budget in a unit the loop counts: an epochs budget becomes tokens (the same
     amount of data for every trial, packed or padded)."""
@@ -258,7 +315,10 @@ def _hooks(index, n_seeds, seed, lead, trial, tracker, progress, fault, cfg, mod
     from harness.worker import faults
     from harness.worker.metrics import peak_memory
 
+    last_loss: list[float] = []  # the latest step's training loss, logged with the next validation
+
     def on_step(step: int, done: float, loss: float) -> None:
+        last_loss[:] = [loss]
         progress("step", step=step, done=(index + done) / n_seeds, loss=loss)
         if fault and step == fault.step and index == 0:
             faults.inject(fault, model(), device, tracker)
@@ -274,7 +334,10 @@ def _hooks(index, n_seeds, seed, lead, trial, tracker, progress, fault, cfg, mod
         prune = False
         if index == 0:
             report_intermediate(trial, milestone, val_loss)
-            tracker.log({"val_loss": val_loss}, step=milestone)
+            # One log per milestone, everything at once: W&B drops a step logged after a later one.
+            logged = {"val_loss": val_loss, "train_loss": last_loss[0] if last_loss else None,
+                      "tokens_per_s": tokens_per_s}
+            tracker.log({k: v for k, v in logged.items() if v is not None}, step=milestone)
             if not cfg.multi_objective:
                 prune = bool(trial.should_prune())
             elif cfg.pruner.name != "none":
@@ -339,9 +402,11 @@ def die_with_parent() -> None:
         pass
 
 
-def execute(study_dir: Path, number: int, progress: Send, started_at: float, preimport_s: float | None = None) -> int:
+def execute(study_dir: Path, number: int, progress: Send, started_at: float, preimport_s: float | None = None,
+            worker: Worker | None = None) -> int:
     """Run one trial and write its record to ``trials/<n>/result.json``; 0 on success, 1 on a
-    failure it caught (the record says which)."""
+    failure it caught (the record says which). In a warm ``worker``, also decide whether it may
+    take another trial (``worker.retire``)."""
     die_with_parent()
     print(f"[harness] trial {number}: process {os.getpid()} on {socket.gethostname()}", flush=True)
     result_file = study_dir / "trials" / str(number) / "result.json"
@@ -349,7 +414,7 @@ def execute(study_dir: Path, number: int, progress: Send, started_at: float, pre
     rank = int(os.environ.get("RANK", "0"))
     stage = _Stage()
     try:
-        record = run_trial(study_dir, number, progress, started_at, stage, preimport_s)
+        record = run_trial(study_dir, number, progress, started_at, stage, preimport_s, worker)
         code = 0
     except Exception as err:  # noqa: BLE001 - the reason goes to the driver, which marks the trial FAIL
         traceback.print_exc()
@@ -362,7 +427,11 @@ def execute(study_dir: Path, number: int, progress: Send, started_at: float, pre
         what = "nonfinite_loss" if outcome == "nonfinite_loss" else type(err).__name__
         record = TrialResult(number=number, outcome=outcome, reason=f"{what}: {err}",
                              host=socket.gethostname(), pid=os.getpid(), reached_training=stage.reached_training)
+        if worker is not None:
+            record.metrics.worker_trial = worker.trials
         code = 1
+    if worker is not None:
+        _after_trial(worker, record)
     if rank == 0:
         write_text_atomic(result_file, record.to_json())
     if "torch.distributed" in sys.modules:
@@ -371,6 +440,72 @@ def execute(study_dir: Path, number: int, progress: Send, started_at: float, pre
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return code
+
+
+def _after_trial(worker: Worker, record: TrialResult) -> None:
+    """Give the trial's adapter back and decide whether the worker takes another trial: not after a
+    failure (out of memory, crash, non-finite loss, an error), a base that changed, memory that was
+    not given back, or ``max_trials``."""
+    from harness.launch.warm import KEEP_WORKER_AFTER
+    from harness.worker.warm import BaseChanged
+
+    if record.outcome not in KEEP_WORKER_AFTER:
+        worker.retire = worker.retire or f"trial {record.number} ended {record.outcome}"
+    if worker.base is not None:
+        try:
+            worker.base.give_back()
+        except BaseChanged as err:
+            worker.retire = str(err)
+            return
+        leaked = worker.base.leaked_mib()
+        # A few MiB move between the allocator's pools from trial to trial; a leak grows by trial.
+        if leaked > max(256.0, 0.02 * worker.base.resident_mib):
+            worker.retire = worker.retire or f"{leaked:,.0f} MiB not given back after trial {record.number}"
+    if worker.trials >= worker.max_trials:
+        worker.retire = worker.retire or f"{worker.trials} trials, worker_max_trials"
+
+
+def warm_worker(study_dir: Path) -> int:
+    """Import now, then run trials one after another as the driver names them on stdin, one line
+    each (number, hand-over time, progress channel, log file), keeping the base between them.
+
+    Each trial's output goes to its own log (file descriptors 1 and 2 point there while it runs);
+    its answer, ``NUMBER EXIT_CODE keep|retire``, goes to the reply descriptor before the progress
+    channel closes, so the driver learns the trial ended as soon as its last event arrives.
+    """
+    die_with_parent()
+    t0 = time.perf_counter()
+    import_training_stack()
+    preimport_s = time.perf_counter() - t0
+    reply = os.fdopen(int(os.environ["HARNESS_WARM_REPLY_FD"]), "w", buffering=1)
+    worker = Worker(int(os.environ.get("HARNESS_WORKER_MAX_TRIALS", "50")))
+    own_out, own_err = os.dup(1), os.dup(2)
+    while worker.retire is None:
+        words = sys.stdin.readline().split()
+        if not words:
+            return 0  # closed: the study needs no more trials
+        number, started_at, channel, log = int(words[0]), float(words[1]), words[2], words[3]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        progress = ProgressWriter(channel)
+        try:
+            code = execute(study_dir, number, progress, started_at, preimport_s if worker.trials == 0 else None,
+                           worker)
+            if worker.retire:
+                print(f"[harness] this worker takes no more trials: {worker.retire}", flush=True)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(own_out, 1)
+            os.dup2(own_err, 2)
+        reply.write(f"{number} {code} {'retire' if worker.retire else 'keep'}\n")
+        progress("end")
+        progress.close()
+    return 0
 
 
 def standby(study_dir: Path) -> int:
@@ -393,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     args = argv or sys.argv[1:]
     if args[0] == "--standby":
         return standby(Path(args[1]))
+    if args[0] == "--warm":
+        return warm_worker(Path(args[1]))
     study_dir, number = args[:2]
     started_at = float(os.environ.get("HARNESS_STARTED_AT", time.time()))
     return execute(Path(study_dir), int(number), ProgressWriter(os.environ.get(PATH_ENV)), started_at)

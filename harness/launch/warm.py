@@ -1,0 +1,180 @@
+"""``warm`` (the default on GPU hosts): one long-lived worker process per slot runs trial after
+trial, keeping the loaded base model and what Unsloth compiled (``python -m harness.worker.trial
+--warm``; :mod:`harness.worker.warm`).
+
+A sweep of short trials otherwise spends most of the GPU's time importing, loading and compiling
+(bench/RESULTS.md). Each trial still gets a fresh adapter, optimizer, data order and peak-memory
+counters, and writes its own log and record. A worker is replaced, not reused, after any failure
+(out of memory, crash, hang, non-finite loss, an error), after a full fine-tune, when its base's
+weights changed or memory was not given back, and after ``worker_max_trials`` trials; a killed
+trial (a hang, Ctrl-C) takes its worker with it. The slot's next worker starts at once, so it
+imports while the driver records the trial that ended.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from harness.launch.base import Launcher, child_env
+from harness.launch.progress import PATH_ENV
+
+REPLY_FD_ENV = "HARNESS_WARM_REPLY_FD"
+# Outcomes after which a worker takes the slot's next trial (as harness.worker.trial decides too).
+KEEP_WORKER_AFTER = frozenset({"complete", "pruned", "not_converged", "over_budget"})
+MAX_TRIALS_ENV = "HARNESS_WORKER_MAX_TRIALS"
+
+
+class WarmWorker:
+    """One worker process and its reply pipe. Until it takes a trial, and between trials, its
+    output goes to a log of its own under ``trials/`` (removed when it ends cleanly)."""
+
+    def __init__(self, study_dir: Path, env: dict[str, str], max_trials: int):
+        trials = study_dir / "trials"
+        trials.mkdir(parents=True, exist_ok=True)
+        self.log = trials / f"worker-{os.getpid()}-{time.monotonic_ns()}.log"
+        read_end, write_end = os.pipe()
+        env = {**env, REPLY_FD_ENV: str(write_end), MAX_TRIALS_ENV: str(max_trials)}
+        with self.log.open("w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "harness.worker.trial", "--warm", str(study_dir)], stdin=subprocess.PIPE,
+                stdout=out, stderr=subprocess.STDOUT, env=env, pass_fds=(write_end,),
+            )
+        os.close(write_end)
+        self._replies = read_end
+        self._buffer = b""
+        self.retiring = False  # it said it takes no more trials
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def assign(self, number: int, started_at: str, channel: str, log: Path) -> bool:
+        """Hand the worker trial ``number``; False if it has died."""
+        if not self.alive():
+            return False
+        try:
+            self.proc.stdin.write(f"{number} {started_at} {channel} {log}\n".encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            return False
+        return True
+
+    def reply(self, timeout: float = 0.0) -> tuple[int, int, bool] | None:
+        """(number, exit code, retiring) once the worker has answered its trial; else None."""
+        while b"\n" not in self._buffer:
+            ready, _, _ = select.select([self._replies], [], [], timeout)
+            if not ready:
+                return None
+            chunk = os.read(self._replies, 4096)
+            if not chunk:
+                return None  # the worker ended without answering
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        number, code, keep = line.decode().split()
+        return int(number), int(code), keep == "retire"
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+        self.proc.wait()
+
+    def close(self) -> None:
+        """End the worker: stdin closed, it exits after its current trial; killed if it does not.
+        Its own log goes when it ended cleanly (each trial's output is in the trial's log)."""
+        try:
+            self.proc.stdin.close()
+        except (OSError, ValueError):
+            pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        if self._replies is not None:
+            os.close(self._replies)
+            self._replies = None
+        if self.proc.returncode == 0:
+            self.log.unlink(missing_ok=True)
+
+
+class WarmTrial:
+    """One trial in a worker, as the launcher's watchdog sees a process."""
+
+    start_method = "warm"
+
+    def __init__(self, worker: WarmWorker, number: int):
+        self.worker, self.number = worker, number
+        self.answer: tuple[int, int, bool] | None = None
+
+    def _poll(self, timeout: float) -> None:
+        if self.answer is None:
+            self.answer = self.worker.reply(timeout)
+            if self.answer is not None and self.answer[2]:
+                self.worker.retiring = True
+
+    def alive(self) -> bool:
+        self._poll(0.0)
+        return self.answer is None and self.worker.alive()
+
+    def kill(self) -> None:
+        self.worker.kill()
+
+    def wait(self) -> int:
+        while self.answer is None and self.worker.alive():
+            self._poll(1.0)
+        self._poll(0.0)  # an answer written just before the worker exited
+        if self.answer is None:
+            return self.worker.proc.wait()
+        return self.answer[1]
+
+
+class WarmLauncher(Launcher):
+    name = "warm"
+
+    def __init__(self, *args, max_trials: int = 50, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_trials = max_trials
+        self._workers: dict[str, WarmWorker] = {}  # each slot's thread touches only its own key
+
+    def __enter__(self) -> "WarmLauncher":
+        # Each slot's worker imports while the study's model and data are prepared.
+        for slot in self.slot_env or {"0": {}}:
+            self.prefetch(slot)
+        return self
+
+    def prefetch(self, slot: str) -> None:
+        worker = self._workers.get(slot)
+        if worker is None or not worker.alive():
+            self._workers[slot] = WarmWorker(self.study_dir, child_env(self.storage_url, self.slot_env.get(slot, {})),
+                                             self.max_trials)
+
+    def close(self) -> None:
+        for worker in self._workers.values():
+            worker.close()
+        self._workers.clear()
+
+    def _start(self, number: int, slot: str, env: dict[str, str], log: Path) -> WarmTrial:
+        log.write_text("")  # this trial's log: the worker appends to it while the trial runs
+        for _ in range(2):  # a worker that died waiting is replaced once
+            self.prefetch(slot)
+            worker = self._workers[slot]
+            if worker.assign(number, env["HARNESS_STARTED_AT"], env[PATH_ENV], log):
+                return WarmTrial(worker, number)
+            worker.kill()
+        raise RuntimeError(f"the warm worker for slot {slot} died before taking trial {number}")
+
+    def run(self, number: int, slot: str, on_event, prefetch: bool = False):
+        result = super().run(number, slot, on_event, prefetch=False)
+        worker = self._workers.get(slot)
+        if worker is not None:
+            if result.outcome not in KEEP_WORKER_AFTER or worker.retiring or not worker.alive():
+                # Replaced, not reused (the worker retires itself after a failure; this covers a
+                # crash or a kill too). Its successor starts importing now, if more trials are to come.
+                worker.close()
+                self._workers.pop(slot, None)
+                if prefetch:
+                    self.prefetch(slot)
+        return result

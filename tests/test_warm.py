@@ -1,0 +1,102 @@
+"""Warm trial workers (``start_method: warm``, the default on GPU hosts), exercised on CPU: one
+worker runs trial after trial with the base kept; each trial's numbers equal those of a trial in
+its own process; a failure replaces the worker; nothing of one trial reaches the next."""
+
+import os
+import subprocess
+import sys
+
+import optuna
+import pytest
+import yaml
+
+from conftest import ROOT, run_cli
+from test_scale import SWEEP
+
+pytestmark = pytest.mark.timeout(900)
+
+GRID = dict(SWEEP, sampler={"name": "grid"}, pruner={"name": "none"},
+            search_space={"batch_size": {"choices": [2, 4]}, "learning_rate": 3e-3, "lora_r": {"choices": [4, 8, 16]},
+                          "lora_dropout": 0.1})
+
+
+def _run(tmp_path, name: str, n_trials: int, faults: str = "", **keys) -> optuna.Study:
+    sweep = dict(GRID, study=name, n_trials=n_trials, **keys)
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(sweep))
+    env = dict(os.environ, HARNESS_FAULTS=faults)
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", str(tmp_path / f"{name}.yaml"), "--results-dir",
+                           str(tmp_path / "r")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'r' / name / 'study.db'}")
+
+
+def test_warm_workers_match_separate_processes_and_a_failure_replaces_the_worker(tmp_path, harness_cache):
+    # Trial 2 turns a LoRA weight into NaN (a failure the trial catches: its worker retires itself);
+    # trial 3 is SIGKILLed with its worker (a crash). Dropout is on, so a leaked RNG state would show.
+    warm = _run(tmp_path, "warm", 6, faults="2:nan@2,3:sigkill@2", start_method="warm")
+    fork = _run(tmp_path, "fork", 6, start_method="fork")
+    by_params = {tuple(sorted(t.params.items())): t for t in fork.trials}
+    states = [t.state for t in warm.trials]
+    assert states[2] == states[3] == optuna.trial.TrialState.FAIL, states
+    complete = [t for t in warm.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 4
+    for t in complete:
+        twin = by_params[tuple(sorted(t.params.items()))]
+        # The same config and seed in its own process (fork) gives the same curve: no adapter,
+        # optimizer state or random state is carried from the trials before it in the worker.
+        assert t.value == pytest.approx(twin.value, abs=1e-6), (t.number, t.params)
+        assert t.intermediate_values == pytest.approx(twin.intermediate_values, abs=1e-6)
+        assert t.user_attrs["start_method"] == "warm"
+    attrs = {t.number: t.user_attrs for t in warm.trials}
+    # Worker 1 ran trials 0-2 (its base kept from the first: the fingerprint check passed each
+    # time) and retired after the NaN; worker 2 took trial 3 and was killed with it; worker 3 the rest.
+    assert attrs[0]["pid"] == attrs[1]["pid"] == attrs[2]["pid"]
+    assert [attrs[n]["worker_trial"] for n in (0, 1, 2)] == [1, 2, 3]
+    assert attrs[0]["base_reused"] is False and attrs[1]["base_reused"] is True
+    assert len({attrs[0]["pid"], attrs[3]["pid"], attrs[4]["pid"]}) == 3
+    assert attrs[4]["worker_trial"] == 1 and attrs[5]["worker_trial"] == 2 and attrs[5]["pid"] == attrs[4]["pid"]
+    assert attrs[1]["fixed_s"] < attrs[0]["fixed_s"], "a kept base makes a later trial's fixed cost smaller"
+    log = (tmp_path / "r" / "warm" / "trials" / "2" / "log.txt").read_text()
+    assert "takes no more trials" in log and "nonfinite_loss" in log
+    for pid in {a["pid"] for a in attrs.values() if "pid" in a}:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+BASE_CHECK = r"""
+import torch, unsloth
+from harness.data.prepare import build_preset
+from harness.worker.warm import BaseKey, WarmBase, fingerprint
+
+base = WarmBase(BaseKey(str(build_preset("tiny-mistral", 0)), 64, "float32", False), "cpu")
+loaded = fingerprint(base.model)
+
+def adapters(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+model = base.lend(lora_r=4, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], checkpointing=False, seed=1)
+first = adapters(model)
+assert first and all("lora_" in n for n in first)
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.5)
+for _ in range(3):
+    ids = torch.randint(5, 1000, (2, 32))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step(); opt.zero_grad()
+assert any(not torch.equal(first[n], p) for n, p in adapters(model).items()), "training moved the adapter"
+base.give_back()
+assert torch.equal(fingerprint(base.model), loaded), "the base is as loaded"
+assert not any("lora" in n for n, _ in base.model.named_modules()), "no adapter layer is left in the base"
+again = adapters(base.lend(lora_r=4, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], checkpointing=False, seed=1))
+assert again.keys() == first.keys() and all(torch.equal(again[n], first[n]) for n in first), "a fresh adapter, seeded"
+base.give_back()
+other = adapters(base.lend(lora_r=4, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], checkpointing=False, seed=2))
+assert any(not torch.equal(other[n], first[n]) for n in first), "another seed, another init"
+base.give_back()
+print("ok")
+"""
+
+
+def test_a_lent_adapter_is_fresh_and_leaves_the_base_as_loaded(harness_cache):
+    proc = subprocess.run([sys.executable, "-c", BASE_CHECK], cwd=ROOT, env=dict(os.environ), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
