@@ -209,6 +209,8 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
             val_loss_start=first.val_loss_start and round(first.val_loss_start, 6),
             steps=first.steps, tokens_trained=first.tokens_trained, examples_trained=first.examples_trained,
             budget_unit=budget.unit, budget=budget.total,
+            steady_step_s=_rounded(first.steady_step_s, 6), warmup_s=_rounded(first.warmup_s, 3),
+            train_steady_s=_rounded(steady_training_s(results), 3),
         )
         _objective(record, results, cfg, len(seeds))
         if record.outcome == "pruned":
@@ -233,6 +235,18 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
             model.save_pretrained(str(trial_dir / best.WEIGHTS))
             tokenizer.save_pretrained(str(trial_dir / best.WEIGHTS))
     return record
+
+
+def _rounded(x: float | None, digits: int) -> float | None:
+    return None if x is None else round(x, digits)
+
+
+def steady_training_s(results: list) -> float | None:
+    """``train_steady_s``: each seed's steps at its steady pace, summed; None when a seed ran no
+    step after the warm-up (no steady pace to count it at)."""
+    if any(r.steady_step_s is None for r in results):
+        return None
+    return sum(r.steps * r.steady_step_s for r in results)
 
 
 def data_budget(cfg, train_tokens: int):
