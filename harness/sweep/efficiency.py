@@ -39,7 +39,8 @@ from harness.sweep.storage import study_lock
 log = logging.getLogger(__name__)
 
 # Study user attribute: one entry per run, {wall_s, gpus, host, pid, started (Unix time),
-# start_method, trials (how many this run ran)}.
+# start_method, trials (how many trials this run had recorded when it ended; after Ctrl-C, a trial
+# still being recorded may be missing from it)}.
 RUNS = "sweep_runs"
 
 
@@ -108,7 +109,7 @@ class Efficiency:
         parts = [f"sweep efficiency {eff:.1%}" if eff is not None else "sweep efficiency n/a",
                  f"{self.train_gpu_s:,.1f} GPU-s training at steady pace of {self.wall_gpu_s:,.1f} GPU-s wall "
                  f"({self.runs} run{'s' if self.runs != 1 else ''})"]
-        tail = [f"{self.trials} trials trained"]
+        tail = [f"{self.trials} trial{'s' if self.trials != 1 else ''} trained"]
         if self.trials_per_hour is not None:
             tail.append(f"{self.trials_per_hour:.1f} trials/hour")
         if self.fixed_s is not None:
