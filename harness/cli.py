@@ -53,6 +53,8 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         code = 1
     if importlib.util.find_spec("polars") is None:
+        if line := _efficiency_line(cfg, study_dir):
+            console.print(line, highlight=False)
         console.print(f"polars is not installed here: make the tables with `harness report {study_dir}`")
         return code
     from harness.sweep.report import FIGURES, build_report
@@ -60,8 +62,25 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     out = build_report(study_dir, cfg.storage)
     if out["headline"]:
         console.print(out["headline"])
+    if out["efficiency"]:
+        console.print(out["efficiency"], highlight=False)
     console.print("report: " + "  ".join(str(out[k]) for k in ("summary", "parquet", "plot", *FIGURES) if out[k]))
     return code
+
+
+def _efficiency_line(cfg, study_dir: Path) -> str | None:
+    """The study's sweep efficiency in one line, read from its storage without Polars."""
+    import optuna
+
+    from harness.sweep.efficiency import measure
+    from harness.sweep.storage import default_storage, make_storage
+
+    try:
+        study = optuna.load_study(study_name=cfg.study, storage=make_storage(cfg.storage or default_storage(study_dir)))
+    except (KeyError, HarnessError):  # nothing ran: no study yet
+        return None
+    measured = measure(study)
+    return measured.line() if measured else None
 
 
 def _cmd_report(args: argparse.Namespace, console: Console) -> int:

@@ -84,6 +84,13 @@ class Metrics:
     preimport_s: float | None = None
     worker_trial: int | None = None  # warm workers: this trial's number within its worker (1: its first)
     base_reused: bool | None = None  # warm workers: the base was already loaded by an earlier trial
+    # Steady pace and warm-up (worker/step.step_timing), from the first seed's run. Speed is known
+    # once steps settle; what the first steps cost beyond that pace is paid again by every trial.
+    steady_step_s: float | None = None  # median optimizer step after budget.timing_warmup_steps
+    warmup_s: float | None = None       # the first timing_warmup_steps' time beyond steady_step_s (>= 0)
+    # The training time the trial would have taken at steady pace: steps x steady_step_s, summed
+    # over its seeds. The numerator of the sweep efficiency (sweep/efficiency.py), times world_size.
+    train_steady_s: float | None = None
 
     def update(self, **values: Any) -> None:
         for key, value in values.items():

@@ -1,6 +1,6 @@
 """The training arithmetic (``harness.worker.batching`` / ``step`` / ``distributed``) on a real,
 tiny transformers model: gradient accumulation, two Gloo processes, packing with a loss mask, the
-learning-rate schedule, token counting, the data budget and seeding.
+learning-rate schedule, token counting, the data budget, step timing and seeding.
 
 No Unsloth and no GPU: ``loop.py`` is never imported, only the modules it trains with.
 transformers and peft are imported inside the helpers, so the spawned ranks of the distributed
@@ -17,7 +17,7 @@ import torch
 
 from harness.worker.batching import batches, collate, pack, predicted_tokens
 from harness.worker.distributed import Dist
-from harness.worker.step import DataBudget, accumulate, lr_factor, seed_everything
+from harness.worker.step import DataBudget, accumulate, lr_factor, seed_everything, step_timing
 
 PAD = 0
 VOCAB = 64
@@ -271,6 +271,25 @@ def test_lr_schedule():
     assert grid[peak] == pytest.approx(w)
     assert (np.diff(f[: peak + 1]) > 0).all() and (np.diff(f[peak:]) < 0).all()
     assert f.min() >= 0 and f.max() == pytest.approx(1.0)
+
+
+def test_step_timing_steady_pace_and_warm_up():
+    # Two slow warm-up steps (compilation, allocator growth), then a steady pace with one outlier
+    # that the median ignores.
+    warmup, steady = step_timing([3.0, 1.5, 1.0, 1.2, 0.9, 1.0, 5.0], warmup_steps=2)
+    assert steady == pytest.approx(1.0)  # median of 1.0, 1.2, 0.9, 1.0, 5.0
+    assert warmup == pytest.approx((3.0 - 1.0) + (1.5 - 1.0))
+    # An even number of steady steps: the mean of the middle two.
+    assert step_timing([2.0, 1.0, 3.0, 2.0, 4.0], 1) == (pytest.approx(0.0), pytest.approx(2.5))
+    # Warm-up steps faster than the steady pace: floored at 0, not negative.
+    assert step_timing([0.5, 0.6, 1.0, 1.0], 2) == (0.0, 1.0)
+    # The sum is floored, not each step: one fast warm-up step offsets a slow one.
+    assert step_timing([0.5, 2.0, 1.0, 1.0], 2) == (pytest.approx(0.5), 1.0)
+    # No warm-up steps: every step is steady, nothing is warm-up.
+    assert step_timing([1.0, 3.0, 2.0], 0) == (0.0, 2.0)
+    # No step after the warm-up: no steady pace to measure against.
+    assert step_timing([3.0, 1.0], 2) == (None, None)
+    assert step_timing([], 2) == (None, None)
 
 
 def test_predicted_tokens_counts_what_the_loss_averages_over():

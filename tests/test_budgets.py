@@ -46,6 +46,21 @@ def test_trials_of_different_batch_sizes_train_on_the_same_data(tmp_path, harnes
     assert sorted(small.intermediate_values) == sorted(large.intermediate_values) == [500, 1000, 1500]
     summary = (tmp_path / "r" / "equal" / "summary.md").read_text()
     assert "Budget: 1,500 tokens per trial" in summary and "same amount of data" in summary
+    # Each trial's steady pace and warm-up, from its own steps; what it trained at that pace.
+    for t in (small, large):
+        a = t.user_attrs
+        assert a["steps"] > 2 and a["steady_step_s"] > 0 and a["warmup_s"] >= 0, a  # timing_warmup_steps: 2
+        assert a["train_steady_s"] == pytest.approx(a["steps"] * a["steady_step_s"], abs=2e-3)
+    # The sweep efficiency: this run (the launcher's whole time on one device) against that training.
+    runs = study.user_attrs["sweep_runs"]
+    assert len(runs) == 1 and runs[0]["gpus"] == 1 and runs[0]["start_method"] == "fork" and runs[0]["trials"] == 2
+    assert runs[0]["wall_s"] > sum(t.user_attrs["train_steady_s"] for t in (small, large))
+    df = pl.read_parquet(tmp_path / "r" / "equal" / "trials.parquet")
+    efficiency = df.get_column("sweep_efficiency").unique().to_list()
+    assert len(efficiency) == 1 and 0 < efficiency[0] <= 1, efficiency
+    assert df.get_column("warmup_s").null_count() == df.get_column("steady_step_s").null_count() == 0
+    assert "## Sweep efficiency" in summary and f"**{efficiency[0]:.1%}**" in summary
+    assert f"sweep efficiency {efficiency[0]:.1%}" in proc.stdout
 
 
 def test_a_step_budget_is_flagged(tmp_path, harness_cache):
@@ -92,6 +107,8 @@ def test_a_resumed_study_draws_new_parameters(tmp_path, harness_cache):
     study, _ = run_study(tmp_path, "resume", n_trials=4, search_space=space, budget={"tokens": 500})
     rates = [t.params["learning_rate"] for t in study.trials]
     assert len(rates) == 4 and len(set(rates)) == 4, rates  # the second run did not replay the first's draws
+    # Each run adds its wall time to the study's sweep efficiency.
+    assert [r["trials"] for r in study.user_attrs["sweep_runs"]] == [2, 2]
 
 
 def test_rerun_the_top_configs_with_fresh_seeds(tmp_path, harness_cache):

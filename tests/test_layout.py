@@ -9,7 +9,7 @@ TORCH_FREE = ["harness.cli", "harness.params", "harness.records", "harness.error
               "harness.sweep.config", "harness.sweep.study", "harness.sweep.storage", "harness.sweep.driver",
               "harness.sweep.display", "harness.sweep.report", "harness.sweep.plots", "harness.sweep.best",
               "harness.sweep.wandb_check", "harness.launch", "harness.bench.runner", "harness.sweep.predict",
-              "harness.sweep.pruning"]
+              "harness.sweep.pruning", "harness.sweep.efficiency"]
 
 
 def test_the_sweep_launch_and_bench_driver_modules_import_without_torch():

@@ -179,3 +179,59 @@ def test_trials_frame_columns_unchanged_by_the_figures(tmp_path):
     df = trials_frame(study)
     build_report(tmp_path / "rep")
     assert pl.read_parquet(tmp_path / "rep" / "trials.parquet").columns == df.columns
+
+
+def test_sweep_efficiency_over_the_recorded_runs(tmp_path):
+    """Training at steady pace (× each trial's GPUs) over the runs' wall time × their GPUs: only
+    trials asked for during a recorded run count, of any state if they trained; overlapping runs
+    (workers) add their GPU-seconds, but their wall time counts once for trials per hour."""
+    import time
+
+    from harness.sweep.efficiency import measure, record_run
+
+    study_dir = tmp_path / "eff"
+    study_dir.mkdir()
+    (study_dir / "study.json").write_text(json.dumps({"study": "eff"}))
+    url = default_storage(study_dir)
+    study = optuna.create_study(study_name="eff", storage=url)
+    dist = {"learning_rate": DISTRIBUTIONS["learning_rate"]}
+
+    def add(state, **attrs):
+        study.add_trial(optuna.trial.create_trial(
+            state=state, value=1.0 if state == optuna.trial.TrialState.COMPLETE else None,
+            params={"learning_rate": 1e-3}, distributions=dist, user_attrs={"outcome": state.name.lower(), "val_loss": 1.0, **attrs}))
+
+    Complete, Pruned = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
+    # Before any recorded run (an older version's, or a driver killed without a record): not counted.
+    add(Complete, reached_training=True, train_steady_s=100.0, fixed_s=50.0, warmup_s=9.0)
+    time.sleep(0.05)
+    started = time.time()
+    add(Complete, reached_training=True, train_steady_s=10.0, fixed_s=4.0, warmup_s=1.0, world_size=1)
+    add(Pruned, reached_training=True, train_steady_s=5.0, fixed_s=2.0, warmup_s=3.0, world_size=2)
+    add(Complete, reached_training=True, fixed_s=3.0)  # no step after its warm-up: no steady pace
+    add(Complete, reached_training=False)              # never trained (e.g. predicted out of memory)
+    assert trials_frame(study).get_column("sweep_efficiency").null_count() == 5  # no run recorded yet
+    wall = time.time() - started + 100.0
+    record_run(study, url, {"wall_s": wall, "gpus": 2, "host": "a", "started": started})
+    record_run(study, url, {"wall_s": wall, "gpus": 1, "host": "b", "started": started + wall / 2})
+
+    e = measure(study)
+    assert [r["host"] for r in study.user_attrs["sweep_runs"]] == ["a", "b"]
+    assert e.runs == 2 and e.trials == 3
+    assert e.train_gpu_s == pytest.approx(10.0 + 5.0 * 2)
+    assert e.wall_gpu_s == pytest.approx(wall * 2 + wall * 1)
+    assert e.efficiency == pytest.approx(20.0 / (3 * wall))
+    assert e.wall_s == pytest.approx(1.5 * wall)  # the two runs overlap by half
+    assert e.trials_per_hour == pytest.approx(3 / (1.5 * wall) * 3600)
+    assert e.fixed_s == pytest.approx(3.0) and e.warmup_s == pytest.approx(2.0)
+    assert e.first_fixed_s == 4.0 and e.first_warmup_s == 1.0
+    assert f"sweep efficiency {e.efficiency:.1%}" in e.line()
+
+    out = build_report(study_dir)
+    df = pl.read_parquet(out["parquet"])
+    assert df.schema["sweep_efficiency"] == pl.Float64 and df.schema["train_steady_s"] == pl.Float64
+    assert df.get_column("sweep_efficiency").to_list() == [pytest.approx(e.efficiency)] * 5
+    text = out["summary"].read_text()
+    rows = table_rows(section(text, "## Sweep efficiency"))
+    assert f"**{e.efficiency:.1%}**" in text and rows[0][0] == f"{e.efficiency:.4g}" and rows[0][3:5] == ["2", "3"]
+    assert out["efficiency"] == e.line()

@@ -26,6 +26,7 @@ from harness.records import TrialResult
 from harness.sweep.best import promote
 from harness.sweep.config import SweepConfig
 from harness.sweep.display import Display
+from harness.sweep.efficiency import RunClock
 from harness.sweep.storage import default_storage, fail_stale, heartbeat, redact, study_lock
 from harness.sweep.predict import StudyMemory
 from harness.sweep.study import counted_trials, create_study, finished_count, record_result, suggest, trial_params
@@ -207,7 +208,12 @@ def run_sweep(
                 cannot_run.append(result)
                 stop.set()
 
-    with launcher:
+    # This run's wall time and GPUs, for the sweep efficiency (sweep/efficiency.py): from entering
+    # the launcher (the first standby imports beside the preparation) to the end of the last trial;
+    # recorded on the study also on Ctrl-C or an error (the GPUs were held all the same).
+    clock = RunClock(study, storage_url, gpus=len(slots) * cfg.gpus_per_trial, start_method=launcher.name,
+                     trials=lambda: counts["ran"])
+    with clock, launcher:
         _prepare(cfg, study, sweep_dir, study_dir, console)
         if isinstance(launcher, ForkLauncher):
             with console.status("starting the trial fork server (imports unsloth once per study)"):
@@ -222,6 +228,7 @@ def run_sweep(
                 for t in threads:
                     while t.is_alive():
                         t.join(0.5)
+                clock.stop()
             except KeyboardInterrupt:
                 stop.set()
                 _interrupt(study, launcher, running, study_dir, cfg, driver_id)

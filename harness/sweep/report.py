@@ -24,6 +24,7 @@ from harness import params
 from harness.sweep import plots
 from harness.records import METRIC_TYPES, RECORD_TYPES
 from harness.sweep.best import best_trial, feasible
+from harness.sweep.efficiency import Efficiency, measure
 
 from harness.files import atomic_path, write_text_atomic
 from harness.sweep.storage import curve, default_storage, make_storage
@@ -50,16 +51,19 @@ PARAM_TYPES = {int: pl.Int64, float: pl.Float64, bool: pl.Boolean, str: pl.Utf8}
 
 def trials_frame(study: optuna.Study) -> pl.DataFrame:
     """One row per trial: its number and state, every field of its record (each with its type),
-    and one ``param_<name>`` column per searched parameter (empty where the trial's method ignores
-    it: a full fine-tuning trial has no LoRA rank, alpha or dropout)."""
+    the study's ``sweep_efficiency`` (the same on every row; empty without a recorded run), and one
+    ``param_<name>`` column per searched parameter (empty where the trial's method ignores it: a
+    full fine-tuning trial has no LoRA rank, alpha or dropout)."""
     trials = study.get_trials(deepcopy=False)
+    measured = measure(study)
+    efficiency = measured.efficiency if measured else None
     param_names = sorted({k for t in trials for k in t.params})
     retried = superseded(trials)
     rows = []
     for t in trials:
         row: dict[str, Any] = {name: t.user_attrs.get(name) for name in COLUMNS}
         row.update(number=t.number, state=t.state.name, feasible=feasible(t),
-                   duration_s=t.duration.total_seconds() if t.duration else None)
+                   duration_s=t.duration.total_seconds() if t.duration else None, sweep_efficiency=efficiency)
         if t.number in retried and not row["outcome"]:
             row["outcome"] = "stale_retried"  # its driver died; a retry ran its parameters
         row["outcome"] = row["outcome"] or t.state.name.lower()
@@ -68,7 +72,7 @@ def trials_frame(study: optuna.Study) -> pl.DataFrame:
             if p in param_names:
                 row[f"param_{p}"] = v
         rows.append(row)
-    schema = dict(COLUMNS)
+    schema = {**COLUMNS, "sweep_efficiency": pl.Float64}
     schema.update({f"param_{p}": PARAM_TYPES.get(params.TYPES.get(p), pl.Float64) for p in param_names})
     return pl.DataFrame(rows, schema=schema, orient="row") if rows else pl.DataFrame(schema=schema)
 
@@ -404,6 +408,7 @@ def summary_markdown(study: optuna.Study, df: pl.DataFrame, study_dir: Path | No
                   f"not reach (harness/sweep/pruning.py).", "",
                   _md(pruned.select("number", "pruned_by", "val_loss", "tokens_per_s", "peak_mem_mib",
                                     "pruning_saved_s")), ""]
+    lines += efficiency_lines(measure(study))
     infeasible = df.filter(~pl.col("feasible"))
     if infeasible.height:
         lines += ["## Infeasible trials", "", "Out of memory or over `memory_budget_mib`: recorded as infeasible "
@@ -416,6 +421,27 @@ def summary_markdown(study: optuna.Study, df: pl.DataFrame, study_dir: Path | No
               "tokens/s counts non-padding tokens trained per second, warm-up steps and evaluation excluded; "
               "peak memory is CUDA max reserved (GPU) or peak RSS (CPU).", ""]
     return "\n".join(lines)
+
+
+def efficiency_lines(e: Efficiency | None) -> list[str]:
+    """``summary.md``'s "Sweep efficiency" section: how much of the GPUs' time went to training
+    (harness/sweep/efficiency.py); nothing for a study with no recorded run."""
+    if e is None:
+        return []
+    eff = e.efficiency
+    table = pl.DataFrame([{
+        "sweep_efficiency": eff, "training_gpu_s": e.train_gpu_s, "wall_gpu_s": e.wall_gpu_s, "runs": e.runs,
+        "trials": e.trials, "trials_per_hour": e.trials_per_hour, "mean_fixed_s": e.fixed_s,
+        "mean_warmup_s": e.warmup_s}], schema={
+        "sweep_efficiency": pl.Float64, "training_gpu_s": pl.Float64, "wall_gpu_s": pl.Float64, "runs": pl.Int64,
+        "trials": pl.Int64, "trials_per_hour": pl.Float64, "mean_fixed_s": pl.Float64, "mean_warmup_s": pl.Float64})
+    return ["## Sweep efficiency", "",
+            (f"**{eff:.1%}** of the GPUs' time went to training: " if eff is not None else "")
+            + f"{e.train_gpu_s:,.1f} GPU-s of training at steady pace (each trial's steps × its median step after "
+            f"the warm-up) of {e.wall_gpu_s:,.1f} GPU-s held (each run's wall time, from starting its launcher to "
+            f"its last trial's end, × its GPUs). The rest: each trial's fixed cost (`fixed_s`, to its first step) "
+            f"and warm-up (`warmup_s`), evaluation, the study's preparation.", "",
+            _md(table), ""]
 
 
 def plot_curves(study: optuna.Study, out: Path) -> None:
@@ -514,8 +540,8 @@ def write_figures(study: optuna.Study, df: pl.DataFrame, study_dir: Path, analys
 def build_report(study_dir: Path, storage_url: str | None = None) -> dict:
     """Rebuild ``trials.parquet``, ``summary.md``, ``curves.png`` and the other figures in
     ``study_dir`` from the storage. Returns their paths (``parquet``, ``summary``, ``plot`` for the
-    curves, and ``importance``, ``parallel``, ``params``, ``pareto``: None where skipped) and the
-    ``headline``."""
+    curves, and ``importance``, ``parallel``, ``params``, ``pareto``: None where skipped), the
+    ``headline`` and the ``efficiency`` line (None without a recorded run)."""
     study_dir = Path(study_dir)
     url = storage_url or default_storage(study_dir)
     if storage_url is None and not (study_dir / "study.db").exists():
@@ -532,7 +558,9 @@ def build_report(study_dir: Path, storage_url: str | None = None) -> dict:
     analysis = analyse(study)
     write_text_atomic(out["summary"], summary_markdown(study, df, study_dir, analysis))
     plot_curves(study, out["plot"])
-    return {**out, **write_figures(study, df, study_dir, analysis), "headline": headline(study, df)}
+    measured = measure(study)
+    return {**out, **write_figures(study, df, study_dir, analysis), "headline": headline(study, df),
+            "efficiency": measured.line() if measured else None}
 
 
 def headline(study: optuna.Study, df: pl.DataFrame) -> str | None:

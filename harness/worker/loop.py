@@ -20,7 +20,7 @@ from harness.params import TrainParams
 from harness.worker import backends
 from harness.worker.batching import Row, batches, collate, load_rows, pack, predicted_tokens  # noqa: F401
 from harness.worker.distributed import Dist, init_distributed  # noqa: F401
-from harness.worker.step import DataBudget, accumulate, lr_factor, seed_everything  # noqa: F401
+from harness.worker.step import DataBudget, accumulate, lr_factor, seed_everything, step_timing  # noqa: F401
 from harness.worker.metrics import (failure_message, is_out_of_memory, memory_in_use, peak_memory,  # noqa: F401
                                     release_cached_memory, reset_peak_memory)
 
@@ -42,6 +42,9 @@ class TrainResult:
     train_s: float = 0.0
     eval_s: float = 0.0
     history: list[dict] = field(default_factory=list)
+    step_s: list[float] = field(default_factory=list)  # each optimizer step's duration
+    steady_step_s: float | None = None  # the median step after timing_warmup_steps (step.step_timing)
+    warmup_s: float | None = None  # what the first timing_warmup_steps took beyond that pace
 
 
 class NonFiniteLoss(RuntimeError):
@@ -172,6 +175,7 @@ def train(
         result.tokens_trained += tokens
         result.examples_trained += p.batch_size * p.grad_accum * dist.world
         result.train_s += dt
+        result.step_s.append(dt)
         if result.steps > timing_warmup_steps:
             timed_tokens, timed_padded, timed_s = timed_tokens + tokens, timed_padded + padded, timed_s + dt
         position = budget.position(result.tokens_trained, result.examples_trained, result.steps)
@@ -195,4 +199,5 @@ def train(
             stop = dist.decide(on_eval(milestone, result.val_loss, timed_tokens / timed_s if timed_s else None))
             if stop or done:
                 result.stopped_by = stop or None
+                result.warmup_s, result.steady_step_s = step_timing(result.step_s, timing_warmup_steps)
                 return result

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +60,21 @@ def lr_factor(progress: float, warmup_fraction: float) -> float:
     if warmup_fraction > 0 and progress < warmup_fraction:
         return (progress + 1e-12) / warmup_fraction
     return max(0.0, (1.0 - progress) / max(1e-12, 1.0 - warmup_fraction))
+
+
+def step_timing(durations: list[float], warmup_steps: int) -> tuple[float | None, float | None]:
+    """(``warmup_s``, ``steady_step_s``) of a run whose optimizer steps took ``durations`` seconds.
+
+    ``steady_step_s`` is the median duration of the steps after the first ``warmup_steps``;
+    ``warmup_s`` is what those first steps took beyond that pace (the sum of their duration less
+    ``steady_step_s``, at least 0). Both None when no step came after the warm-up.
+    """
+    steady = durations[warmup_steps:]
+    if not steady:
+        return None, None
+    # The median: one slow step (an evaluation's allocator churn, a recompile) does not move it.
+    pace = statistics.median(steady)
+    return max(0.0, sum(d - pace for d in durations[:warmup_steps])), pace
 
 
 def seed_everything(seed: int) -> None:

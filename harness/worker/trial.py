@@ -244,6 +244,8 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
             val_loss_start=first.val_loss_start and round(first.val_loss_start, 6),
             steps=first.steps, tokens_trained=first.tokens_trained, examples_trained=first.examples_trained,
             budget_unit=budget.unit, budget=budget.total,
+            steady_step_s=_rounded(first.steady_step_s, 6), warmup_s=_rounded(first.warmup_s, 3),
+            train_steady_s=_rounded(steady_training_s(results), 3),
         )
         _objective(record, results, cfg, len(seeds))
         if record.outcome == "pruned":
@@ -273,7 +275,6 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
 def _lend(worker: Worker, model_dir: str, params, cfg, dtype, device: str, seed: int, m: Metrics):
     """(model, tokenizer) from the worker's base: loaded now if it has none or one loaded
     differently (``base_reused`` records which), with a fresh adapter for this seed."""
-    from harness.worker import loop as T
     from harness.worker.warm import BaseKey, WarmBase
 
     key = BaseKey(model_dir, cfg.max_seq_length, str(dtype).removeprefix("torch."), bool(cfg.model.load_in_4bit))
@@ -290,6 +291,18 @@ def _lend(worker: Worker, model_dir: str, params, cfg, dtype, device: str, seed:
                              target_modules=cfg.model.target_modules,
                              checkpointing=cfg.model.gradient_checkpointing, seed=seed)
     return model, worker.base.tokenizer
+
+
+def _rounded(x: float | None, digits: int) -> float | None:
+    return None if x is None else round(x, digits)
+
+
+def steady_training_s(results: list) -> float | None:
+    """``train_steady_s``: each seed's steps at its steady pace, summed; None when a seed ran no
+    step after the warm-up (no steady pace to count it at)."""
+    if any(r.steady_step_s is None for r in results):
+        return None
+    return sum(r.steps * r.steady_step_s for r in results)
 
 
 def data_budget(cfg, train_tokens: int):
