@@ -80,6 +80,9 @@ class Launcher(ABC):
     def prefetch(self, slot: str) -> None:
         """Get the slot's next trial process ready while this one trains (standby only)."""
 
+    def prepared(self) -> None:
+        """The study's model and data are prepared: a method that keeps a model may load it now (warm)."""
+
     @abstractmethod
     def _start(self, number: int, slot: str, env: dict[str, str], log: Path) -> Process:
         """Start trial ``number``'s process with ``env``, its output going to ``log``."""

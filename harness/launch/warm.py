@@ -63,6 +63,14 @@ class WarmWorker:
             return False
         return True
 
+    def preload(self) -> None:
+        """Ask the worker to load the study's base now, before its first trial."""
+        try:
+            self.proc.stdin.write(b"preload\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            pass  # dead: the first trial finds out and replaces it
+
     def reply(self, timeout: float = 0.0) -> tuple[int, int, bool] | None:
         """(number, exit code, retiring) once the worker has answered its trial; else None."""
         while b"\n" not in self._buffer:
@@ -138,6 +146,7 @@ class WarmLauncher(Launcher):
         super().__init__(*args, **kwargs)
         self.max_trials = max_trials
         self._workers: dict[str, WarmWorker] = {}  # each slot's thread touches only its own key
+        self._prepared = False
 
     def __enter__(self) -> "WarmLauncher":
         # Each slot's worker imports while the study's model and data are prepared.
@@ -148,8 +157,15 @@ class WarmLauncher(Launcher):
     def prefetch(self, slot: str) -> None:
         worker = self._workers.get(slot)
         if worker is None or not worker.alive():
-            self._workers[slot] = WarmWorker(self.study_dir, child_env(self.storage_url, self.slot_env.get(slot, {})),
-                                             self.max_trials)
+            worker = WarmWorker(self.study_dir, child_env(self.storage_url, self.slot_env.get(slot, {})), self.max_trials)
+            self._workers[slot] = worker
+            if self._prepared:  # a replacement, mid-study: it loads the base as soon as it has imported
+                worker.preload()
+
+    def prepared(self) -> None:
+        self._prepared = True
+        for worker in self._workers.values():
+            worker.preload()
 
     def close(self) -> None:
         for worker in self._workers.values():

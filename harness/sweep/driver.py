@@ -215,6 +215,7 @@ def run_sweep(
                      trials=lambda: counts["ran"])
     with clock, launcher:
         _prepare(cfg, study, sweep_dir, study_dir, console)
+        launcher.prepared()
         if isinstance(launcher, ForkLauncher):
             with console.status("starting the trial fork server (imports unsloth once per study)"):
                 seconds = launcher.start_server(study_dir / "forkserver.log")

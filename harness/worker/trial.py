@@ -478,10 +478,36 @@ def _after_trial(worker: Worker, record: TrialResult) -> None:
         worker.retire = worker.retire or f"{worker.trials} trials, worker_max_trials"
 
 
+def _preload(worker: Worker, study_dir: Path) -> None:
+    """Load the study's base before the first trial comes (the driver says when the model is
+    prepared), so that trial starts at its adapter. Any failure leaves the load to the trial."""
+    try:
+        from harness.data.prepare import Prepared
+        from harness.sweep.config import SweepConfig
+        from harness.worker import loop as T
+        from harness.worker.warm import BaseKey, WarmBase
+
+        cfg = SweepConfig.model_validate_json((study_dir / "sweep.json").read_text())
+        method = cfg.search_space.fixed().get("method")
+        if method == "full" or worker.base is not None:
+            return  # a full fine-tune loads its own model
+        prepared = Prepared.load(study_dir / "prepared.json")
+        device = T.resolve_device(cfg.device)
+        dtype = T.resolve_dtype(cfg.model.dtype, device)
+        t0 = time.perf_counter()
+        worker.base = WarmBase(BaseKey(prepared.model_dir, cfg.max_seq_length, str(dtype).removeprefix("torch."),
+                                       bool(cfg.model.load_in_4bit)), device)
+        print(f"[harness] base preloaded in {time.perf_counter() - t0:.1f}s", flush=True)
+    except Exception:  # noqa: BLE001 - the first trial loads it instead, and reports what fails
+        traceback.print_exc()
+        worker.base = None
+
+
 def warm_worker(study_dir: Path) -> int:
     """Import now, then run trials one after another as the driver names them on stdin, one line
     each (number, hand-over time, progress channel, log file), keeping the base between them.
 
+    A ``preload`` line loads the study's base before the first trial (:func:`_preload`).
     Each trial's output goes to its own log (file descriptors 1 and 2 point there while it runs);
     its answer, ``NUMBER EXIT_CODE keep|retire``, goes to the reply descriptor before the progress
     channel closes, so the driver learns the trial ended as soon as its last event arrives.
@@ -497,6 +523,9 @@ def warm_worker(study_dir: Path) -> int:
         words = sys.stdin.readline().split()
         if not words:
             return 0  # closed: the study needs no more trials
+        if words[0] == "preload":
+            _preload(worker, study_dir)
+            continue
         number, started_at, channel, log = int(words[0]), float(words[1]), words[2], words[3]
         sys.stdout.flush()
         sys.stderr.flush()
