@@ -82,7 +82,8 @@ def study_rows(results: Path) -> list[dict]:
         e = measure(study)
         sweep = json.loads((db.parent / "sweep.json").read_text()) if (db.parent / "sweep.json").exists() else {}
         attrs = ("outcome", "start_method", "steps", "fixed_s", "warmup_s", "steady_step_s", "train_steady_s",
-                 "train_s", "eval_s", "spawn_s", "import_s", "load_s", "tokens_per_s", "peak_mem_mib", "gpu_name")
+                 "train_s", "eval_s", "spawn_s", "import_s", "load_s", "tokens_per_s", "peak_mem_mib", "val_loss",
+                 "worker_trial", "base_reused", "gpu_name")
         out.append({
             "study": name,
             "start_method": ",".join(sorted({r.get("start_method") or "?" for r in runs})) or sweep.get("start_method"),
@@ -132,7 +133,7 @@ def markdown(rows: list[dict]) -> str:
                  "the study's first trial.")
     for r in rows:
         trial_keys = ["number", "state", "start_method", "steps", "fixed_s", "spawn_s", "import_s", "load_s",
-                      "warmup_s", "steady_step_s", "train_steady_s", "eval_s", "duration_s"]
+                      "warmup_s", "steady_step_s", "train_steady_s", "eval_s", "duration_s", "val_loss", "peak_mem_mib"]
         lines += ["", f"{r['study']}: " + "; ".join(
             f"run {i}: {run.get('wall_s')} s wall x {run.get('gpus')} GPU, {run.get('trials')} trials, "
             f"{run.get('start_method')}" for i, run in enumerate(r["runs"])), "",

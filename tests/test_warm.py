@@ -52,10 +52,11 @@ def test_warm_workers_match_separate_processes_and_a_failure_replaces_the_worker
     # time) and retired after the NaN; worker 2 took trial 3 and was killed with it; worker 3 the rest.
     assert attrs[0]["pid"] == attrs[1]["pid"] == attrs[2]["pid"]
     assert [attrs[n]["worker_trial"] for n in (0, 1, 2)] == [1, 2, 3]
-    assert attrs[0]["base_reused"] is False and attrs[1]["base_reused"] is True
+    # Each worker loaded the base before its first trial came (the driver's preload), and kept it.
+    assert all(attrs[n]["base_reused"] is True for n in (0, 1, 4, 5))
     assert len({attrs[0]["pid"], attrs[3]["pid"], attrs[4]["pid"]}) == 3
     assert attrs[4]["worker_trial"] == 1 and attrs[5]["worker_trial"] == 2 and attrs[5]["pid"] == attrs[4]["pid"]
-    assert attrs[1]["fixed_s"] < attrs[0]["fixed_s"], "a kept base makes a later trial's fixed cost smaller"
+    assert attrs[1]["fixed_s"] < attrs[0]["fixed_s"], "the first trial waits for the worker's import; the next not"
     log = (tmp_path / "r" / "warm" / "trials" / "2" / "log.txt").read_text()
     assert "takes no more trials" in log and "nonfinite_loss" in log
     for pid in {a["pid"] for a in attrs.values() if "pid" in a}:

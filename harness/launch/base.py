@@ -44,9 +44,16 @@ def log_tail(path: Path, n: int = 15) -> str:
 def child_env(storage_url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a study's child processes; the storage URL (which may hold a password)
     reaches them here and nowhere else."""
+    from harness.data.sources import cache_root
+
     env = dict(os.environ)
     env["HARNESS_STORAGE_URL"] = storage_url
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # Compiled kernels outlive the process (torch's and Triton's on-disk caches, in the harness's
+    # cache rather than /tmp, which a reboot empties): a later worker or study finds what an
+    # earlier one compiled. Unset by default only; a user's own setting wins.
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "compile" / "inductor"))
+    env.setdefault("TRITON_CACHE_DIR", str(cache_root() / "compile" / "triton"))
     env.update(extra or {})
     return env
 
