@@ -10,10 +10,11 @@ process. Results go, one JSON line per config, to ``OUT/measured.jsonl``; a grou
 skipped, so a cut-off call resumes.
 
 ``report`` (anywhere, no torch): the analytic prediction of every config, calibrations fitted on a
-"study's first trials" (k completed configs of a seeded random order, repeated over many orders),
-the errors, and the out-of-memory skip rates: on the card itself (the configs that really ran
-out) and under emulated memory budgets (``memory_budget_mib``: a config really goes over when its
-measured peak does). Writes ``OUT/report.md`` and ``OUT/summary.json``.
+"study's first trials" (the first completed configs of a seeded random order, repeated over many
+orders; see :func:`report` for the two ways a study is drawn), the errors, and the out-of-memory
+skip rates: on the card itself (the configs that really ran out) and under emulated memory
+budgets (``memory_budget_mib``: a config really goes over when its measured peak does). Writes
+``OUT/report.md`` and ``OUT/summary.json``.
 
     python bench/predictor_check.py run --out DIR [--models mistral-7b-v0.3,mistral-1b]
     python bench/predictor_check.py report DIR
@@ -140,7 +141,58 @@ def _err(pred: float, measured: float) -> float:
     return abs(pred - measured) / measured
 
 
-def report(out: Path, calibrate_on: int = 5, orders: int = 200, margin: float = 0.05) -> dict:
+LIMITS_MIB = (16_384, 24_576, 40_960)  # emulated memory_budget_mib values, beside the card itself
+
+
+def _scenario(studies: list[list[dict]], k: int, orders: int, margin: float, card_mib: float, seed: int) -> dict:
+    """Each study's configs in ``orders`` random orders: its first ``k`` that ran calibrate
+    (``Calibration.fit``, as ``StudyMemory`` does), the others are judged. Errors of the calibrated
+    peak, pooled; and per limit, how many configs over it were skipped and how many that fit were
+    skipped wrongly."""
+    from harness.sweep import predict as pm
+
+    rng = random.Random(seed)
+    errors, order_means, order_worsts, per_config = [], [], [], {}
+    limits = [("card", card_mib, True)] + [(f"budget {b:,} MiB", b, False) for b in LIMITS_MIB]
+    skips = {label: [0, 0, 0, 0] for label, _, _ in limits}  # over & skipped, over, fit & skipped, fit
+    for study in studies:
+        if sum(x["outcome"] == "complete" for x in study) <= k:
+            continue
+        for _ in range(orders):
+            order = study[:]
+            rng.shuffle(order)
+            done = [x for x in order if x["outcome"] == "complete"][:k]
+            calib = pm.Calibration.fit([(x["parts"], x["peak_mem_mib"]) for x in done])
+            judged = [x for x in order if x not in done]
+            errs = []
+            for x in judged:
+                pred = calib.apply(pm.Prediction(sum(x["parts"].values()), x["parts"]))
+                if x["outcome"] == "complete":
+                    e = _err(pred.peak_mib, x["peak_mem_mib"])
+                    errs.append(e)
+                    per_config.setdefault(id(x), []).append(e)
+                for label, limit, with_context in limits:
+                    over = x["outcome"] == "oom" or (not with_context and x["peak_mem_mib"] > limit)
+                    skip = pm.over_limit(pred, limit, margin, include_context=with_context)
+                    counts = skips[label]
+                    counts[0 if over else 2] += skip
+                    counts[1 if over else 3] += 1
+            if errs:
+                errors += errs
+                order_means.append(statistics.fmean(errs))
+                order_worsts.append(max(errs))
+    return {"mean": statistics.fmean(errors), "mean_p90_over_orders": _quantile(order_means, 0.9),
+            "worst_median_over_orders": statistics.median(order_worsts), "worst_p90_over_orders": _quantile(order_worsts, 0.9),
+            "worst_any": max(order_worsts), "per_config": per_config,
+            "skips": {label: {"over": c[1], "caught": c[0] / c[1] if c[1] else None,
+                              "fit": c[3], "wrongly_skipped": c[2] / c[3] if c[3] else None} for label, c in skips.items()}}
+
+
+def report(out: Path, orders: int = 200, margin: float = 0.05) -> dict:
+    """Two ways to be "calibrated on a study's first trials": per study (a study fixes the
+    model, sequence length and checkpointing, so each group of the plan is one study, calibrated on
+    its first 3 trials), and mixed (all of a model's groups as one study, calibrated on its first
+    5: a harder test, since the calibration must carry across sequence lengths and checkpointing)."""
     from harness.sweep import predict as pm
 
     lines = [json.loads(x) for x in (out / "measured.jsonl").read_text().splitlines()]
@@ -148,118 +200,84 @@ def report(out: Path, calibrate_on: int = 5, orders: int = 200, margin: float = 
     for x in lines:
         pred = pm.predict(_sweep(x), _params(x))
         x["parts"], x["analytic_peak"], x["analytic_total"] = pred.parts, pred.peak_mib, pred.total_mib
-    summary: dict = {"gpu": lines[0]["gpu"], "card_mib": lines[0]["card_mib"], "configs": len(first),
-                     "calibrate_on": calibrate_on, "orders": orders, "margin": margin, "models": {}}
-    md = [f"Card: {summary['gpu']} ({summary['card_mib']:,.0f} MiB). {len(first)} configs "
-          f"({sum(x['outcome'] == 'oom' for x in first)} ran out of memory on the card).", ""]
+    card = lines[0]["card_mib"]
+    summary: dict = {"gpu": lines[0]["gpu"], "card_mib": card, "configs": len(first), "orders": orders,
+                     "margin": margin, "ridge": pm.RIDGE, "models": {}}
+    md = [f"Card: {summary['gpu']} ({card:,.0f} MiB). {len(first)} configs "
+          f"({sum(x['outcome'] == 'oom' for x in first)} ran out of memory on the card). Calibration: "
+          f"`Calibration.fit` (non-negative least squares per group of terms, ridge {pm.RIDGE:g} toward 1), "
+          f"{orders} random orders of each study's configs.", ""]
 
-    # Warm against the first in the process: the group's first config, run again at its end.
     repeats = []
     for x in lines:
         if x["repeat"] and x["outcome"] == "complete":
             y = next(y for y in lines if y["group"] == x["group"] and y["index"] == 0)
             if y["outcome"] == "complete":
-                repeats.append((x["group"], y["peak_mem_mib"], x["peak_mem_mib"]))
-    summary["repeat_diffs"] = [round((b - a) / a, 4) for _, a, b in repeats]
+                repeats.append((x["group"], y["peak_mem_mib"], x["peak_mem_mib"], x.get("leaked_mib")))
+    summary["repeat_diffs"] = {g: round((b - a) / a, 4) for g, a, b, _ in repeats}
     md += ["Each group's first config run again at the group's end (same process, base kept, adapters lent and "
-           "given back in between):", "", "| group | first (MiB) | again, last (MiB) | difference |", "|---|---|---|---|"]
-    md += [f"| {g} | {a:,.0f} | {b:,.0f} | {(b - a) / a:+.2%} |" for g, a, b in repeats]
+           "given back in between):", "",
+           "| group | first (MiB) | again, last (MiB) | difference | left allocated after it (MiB) |",
+           "|---|---|---|---|---|"]
+    md += [f"| {g} | {a:,.0f} | {b:,.0f} | {(b - a) / a:+.2%} | {leak} |" for g, a, b, leak in repeats]
     md.append("")
 
+    all_skips = {}
     for model in dict.fromkeys(x["model"] for x in first):
         rows = [x for x in first if x["model"] == model]
         ok = [x for x in rows if x["outcome"] == "complete"]
         analytic = [_err(x["analytic_peak"], x["peak_mem_mib"]) for x in ok]
-        # The study's first trials: `calibrate_on` completed configs of a random order; the rest judged.
-        rng = random.Random(0)
-        means, worsts, per_config = [], [], {id(x): [] for x in ok}
-        for _ in range(orders):
-            order = rows[:]
-            rng.shuffle(order)
-            done = [x for x in order if x["outcome"] == "complete"][:calibrate_on]
-            calib = pm.Calibration.fit([(x["parts"], x["peak_mem_mib"]) for x in done])
-            rest = [x for x in ok if x not in done]
-            errs = [_err(calib.apply(pm.Prediction(sum(x["parts"].values()), x["parts"])).peak_mib, x["peak_mem_mib"])
-                    for x in rest]
-            if not errs:
-                continue
-            for x, e in zip(rest, errs):
-                per_config[id(x)].append(e)
-            means.append(statistics.fmean(errs))
-            worsts.append(max(errs))
-        all_calib = pm.Calibration.fit([(x["parts"], x["peak_mem_mib"]) for x in ok])
-        entry = {
-            "configs": len(rows), "oom_on_card": sum(x["outcome"] == "oom" for x in rows),
-            "analytic_mean": statistics.fmean(analytic), "analytic_worst": max(analytic),
-            "calibrated_mean_median": statistics.median(means) if means else float("nan"), "calibrated_mean_p90": _quantile(means, 0.9) if means else float("nan"),
-            "calibrated_worst_median": statistics.median(worsts) if worsts else float("nan"),
-            "calibrated_worst_p90": _quantile(worsts, 0.9) if worsts else float("nan"),
-            "multipliers_all": {k: round(v, 3) for k, v in all_calib.multipliers.items()},
-        }
+        groups = [[x for x in rows if x["group"] == g] for g in dict.fromkeys(x["group"] for x in rows)]
+        per_study = _scenario(groups, 3, orders, margin, card, seed=0)
+        mixed = _scenario([rows], 5, orders, margin, card, seed=1)
+        all_skips[model] = per_study["skips"]
+        entry = {"configs": len(rows), "oom_on_card": len(rows) - len(ok),
+                 "analytic_mean": statistics.fmean(analytic), "analytic_worst": max(analytic),
+                 "per_study": {k: v for k, v in per_study.items() if k != "per_config"},
+                 "mixed": {k: v for k, v in mixed.items() if k != "per_config"}}
         summary["models"][model] = entry
         md += [f"### {model}", "",
-               f"{len(rows)} configs, {entry['oom_on_card']} out of memory on the card. Absolute error of the "
-               f"predicted peak (CUDA max reserved) against the measured one, over the {len(ok)} that ran:", "",
+               f"{len(rows)} configs in {len(groups)} groups, {entry['oom_on_card']} out of memory on the card. Absolute "
+               f"error of the predicted peak (CUDA max reserved) against the measured one, over the {len(ok)} that ran:", "",
                f"- analytic model alone, before any trial: mean **{entry['analytic_mean']:.1%}**, worst "
-               f"{entry['analytic_worst']:.1%};",
-               f"- calibrated on a study's first {calibrate_on} trials (non-negative least squares per group of "
-               f"terms), judged on the others, over {orders} random orders: mean **{entry['calibrated_mean_median']:.1%}** "
-               f"(median over orders; 90th percentile {entry['calibrated_mean_p90']:.1%}), worst "
-               f"**{entry['calibrated_worst_median']:.1%}** (90th percentile {entry['calibrated_worst_p90']:.1%}).", "",
-               "| seq | checkpointing | batch | accum | r | measured (MiB) | analytic (MiB) | error | calibrated, median error |",
+               f"**{entry['analytic_worst']:.1%}**;",
+               f"- calibrated per study (each group a study, on its first 3 trials; judged on the rest): mean "
+               f"**{per_study['mean']:.1%}**, worst **{per_study['worst_median_over_orders']:.1%}** (median over orders; "
+               f"90th percentile {per_study['worst_p90_over_orders']:.1%}, largest in any order "
+               f"{per_study['worst_any']:.1%});",
+               f"- calibrated across groups (all its groups one study, on its first 5 trials): mean "
+               f"**{mixed['mean']:.1%}**, worst {mixed['worst_median_over_orders']:.1%} (median over orders; 90th "
+               f"percentile {mixed['worst_p90_over_orders']:.1%}).", "",
+               "| seq | checkpointing | batch | accum | r | measured (MiB) | analytic (MiB) | error | calibrated per study, median error |",
                "|---|---|---|---|---|---|---|---|---|"]
         for x in rows:
             if x["outcome"] == "oom":
                 md.append(f"| {x['max_seq_length']} | {x['gradient_checkpointing']} | {x['batch_size']} | "
                           f"{x['grad_accum']} | {x['lora_r']} | out of memory | {x['analytic_total']:,.0f} (with context) | | |")
                 continue
-            cal = per_config[id(x)]  # empty when it was among the calibration trials in every order
+            cal = per_study["per_config"].get(id(x), [])
             md.append(f"| {x['max_seq_length']} | {x['gradient_checkpointing']} | {x['batch_size']} | {x['grad_accum']} | "
                       f"{x['lora_r']} | {x['peak_mem_mib']:,.0f} | {x['analytic_peak']:,.0f} | "
                       f"{(x['analytic_peak'] - x['peak_mem_mib']) / x['peak_mem_mib']:+.1%} | "
                       f"{format(statistics.median(cal), '.1%') if cal else '—'} |")
         md.append("")
 
-    # Skipping: on the card (real OOMs), and under emulated memory budgets (measured peak over it).
-    card = summary["card_mib"]
-    limits = [("card", card, True)] + [(f"budget {b:,} MiB", b, False) for b in (16_384, 24_576, 40_960)]
-    md += ["### Out-of-memory skipping", "",
+    md += ["### Out-of-memory skipping (calibrated per study, as above)", "",
            f"Skipped: calibrated prediction × (1 + {margin:.0%}) over the limit (the card: with the CUDA context; "
-           f"a `memory_budget_mib`: the allocator's peak). Calibrated as above ({calibrate_on} first trials of a "
-           f"random order, judged on the rest, {orders} orders), per model.", "",
-           "| limit | configs over it | skipped of those (median) | fitting configs wrongly skipped (median) |",
-           "|---|---|---|---|"]
+           f"a `memory_budget_mib`: the allocator's peak, and a config is over it when its measured peak is). "
+           f"Counted over every judged config of every order, both models.", "",
+           "| limit | judged configs over it | of those, skipped | judged configs that fit | of those, wrongly skipped |",
+           "|---|---|---|---|---|"]
     summary["skips"] = {}
-    for label, limit, with_context in limits:
-        caught, wrong, n_over, n_fit = [], [], 0, 0
-        rng = random.Random(1)
-        for _ in range(orders):
-            tp = fn = fp = tn = 0
-            for model in summary["models"]:
-                rows = [x for x in first if x["model"] == model]
-                order = rows[:]
-                rng.shuffle(order)
-                done = [x for x in order if x["outcome"] == "complete"][:calibrate_on]
-                calib = pm.Calibration.fit([(x["parts"], x["peak_mem_mib"]) for x in done])
-                for x in rows:
-                    if x in done:
-                        continue
-                    over = x["outcome"] == "oom" or (not with_context and x["peak_mem_mib"] > limit)
-                    pred = calib.apply(pm.Prediction(sum(x["parts"].values()), x["parts"]))
-                    skip = pm.over_limit(pred, limit, margin, include_context=with_context)
-                    tp, fn, fp, tn = tp + (over and skip), fn + (over and not skip), fp + (skip and not over), \
-                        tn + (not over and not skip)
-            n_over, n_fit = tp + fn, fp + tn
-            if n_over:
-                caught.append(tp / n_over)
-            if n_fit:
-                wrong.append(fp / n_fit)
-        entry = {"over": n_over, "fit": n_fit, "caught_median": statistics.median(caught) if caught else None,
-                 "wrongly_skipped_median": statistics.median(wrong) if wrong else None}
-        summary["skips"][label] = entry
-        md.append(f"| {label} | {n_over} of {n_over + n_fit} | "
-                  f"{'—' if entry['caught_median'] is None else format(entry['caught_median'], '.0%')} | "
-                  f"{'—' if entry['wrongly_skipped_median'] is None else format(entry['wrongly_skipped_median'], '.0%')} |")
+    for label in next(iter(all_skips.values())):
+        over = sum(s[label]["over"] for s in all_skips.values())
+        fit = sum(s[label]["fit"] for s in all_skips.values())
+        caught = sum((s[label]["caught"] or 0) * s[label]["over"] for s in all_skips.values())
+        wrong = sum((s[label]["wrongly_skipped"] or 0) * s[label]["fit"] for s in all_skips.values())
+        summary["skips"][label] = {"over": over, "caught": caught / over if over else None, "fit": fit,
+                                   "wrongly_skipped": wrong / fit if fit else None}
+        md.append(f"| {label} | {over:,} | {format(caught / over, '.1%') if over else '—'} | {fit:,} | "
+                  f"{format(wrong / fit, '.1%') if fit else '—'} |")
     (out / "report.md").write_text("\n".join(md) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print("\n".join(md))
@@ -279,12 +297,11 @@ def main() -> None:
     r.add_argument("--models", default="mistral-7b-v0.3,mistral-1b")
     p = sub.add_parser("report")
     p.add_argument("out", type=Path)
-    p.add_argument("--calibrate-on", type=int, default=5)
     args = ap.parse_args()
     if args.cmd == "run":
         run(args.out, args.models.split(","))
     else:
-        report(args.out, args.calibrate_on)
+        report(args.out)
 
 
 if __name__ == "__main__":

@@ -89,9 +89,10 @@ def test_calibration_recovers_known_multipliers():
     measured = [sum(truth[k] * v for k, v in p.groups().items()) for p in preds]
     calib = pm.Calibration.fit(zip((p.parts for p in preds), measured))
     assert calib.kind == "groups" and calib.n_pairs == 5
-    assert calib.multipliers == pytest.approx(truth, rel=2e-3)
+    # Recovered within a few percent: the ridge (pm.RIDGE) pulls each multiplier a little toward 1.
+    assert calib.multipliers == pytest.approx(truth, rel=0.03)
     for p, m in zip(preds, measured):
-        assert calib.apply(p).peak_mib == pytest.approx(m, rel=2e-3)
+        assert calib.apply(p).peak_mib == pytest.approx(m, rel=0.02)
         assert calib.apply(p).parts["cuda_context"] == pm.CUDA_CONTEXT_MIB
 
 

@@ -303,6 +303,9 @@ class SweepConfig(_Strict):
     # Skip a config whose predicted peak memory is over the budget or the card (sweep/predict.py):
     # auto on GPU hosts, on, or off (the prediction is recorded either way).
     predicted_oom: Literal["auto", "on", "off"] = "auto"
+    # The safety margin of that skip: predicted x (1 + margin) over the limit (bench/predictor/report.md
+    # says what it costs: configs that fit within the margin are skipped too).
+    predicted_oom_margin: float = Field(default=0.05, ge=0.0, lt=1.0)
     fault_tolerance: FaultTolerance = FaultTolerance()
     storage: str | None = None
     wandb: WandbConfig = WandbConfig()

@@ -151,7 +151,8 @@ def run_sweep(
     cannot_run: list[TrialResult] = []
     memory = StudyMemory(cfg, sweep_dir, [
         (trial_params(t, cfg), t.user_attrs) for t in study.get_trials(deepcopy=False)
-        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)])
+        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)],
+        margin=cfg.predicted_oom_margin)
 
     def slot_loop(slot: str, display: Display) -> None:
         while not stop.is_set():
