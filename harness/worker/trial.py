@@ -210,6 +210,8 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
             steps=first.steps, tokens_trained=first.tokens_trained, examples_trained=first.examples_trained,
             budget_unit=budget.unit, budget=budget.total,
         )
+        if first.tokens_computed:
+            m.padding_fraction = round(1 - first.tokens_trained / first.tokens_computed, 4)
         _objective(record, results, cfg, len(seeds))
         if record.outcome == "pruned":
             # Optuna's pruner (single objective) is named as configured; the harness's rules by rule.
