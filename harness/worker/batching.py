@@ -65,11 +65,11 @@ def collate_padding_free(rows: list[Row], device: str) -> dict[str, torch.Tensor
     predicted at all). So the loss, its token count and the gradients are those of the rows
     run alone.
 
-    How the model keeps attention within rows (README, "Padding-free packing"):
-    ``packed_seq_lengths`` is what Unsloth's fast forward reads for its variable-length attention
-    (and what its own SFT trainer passes); plain transformers (Unsloth's CPU backend, or the HF
-    baseline) finds the rows from ``position_ids`` when no attention mask and no cache is given,
-    hence ``use_cache=False``: with the default, a cache is created and the packed mask is skipped.
+    How the model keeps attention within rows (README, "Padding-free packing"): Unsloth's fast
+    forward reads ``packed_seq_lengths`` for its variable-length attention (its SFT trainer passes
+    the same keys, ``use_cache=False`` included); plain transformers (Unsloth's CPU backend, the
+    HF baseline) finds the rows from ``position_ids``, but only without an attention mask and
+    without a cache, and its models create a cache unless ``use_cache=False``.
     """
     ids = np.concatenate([r[0] for r in rows]).astype(np.int64)
     positions = np.concatenate([np.arange(len(r[0])) for r in rows])
@@ -78,10 +78,10 @@ def collate_padding_free(rows: list[Row], device: str) -> dict[str, torch.Tensor
     counted[starts] = False
     input_ids = torch.from_numpy(ids)[None]
     labels = input_ids.masked_fill(~torch.from_numpy(counted)[None], -100)
-    batch = {"input_ids": input_ids, "position_ids": torch.from_numpy(positions)[None], "labels": labels}
+    lengths = torch.tensor([len(r[0]) for r in rows], dtype=torch.int32)
+    batch = {"input_ids": input_ids, "position_ids": torch.from_numpy(positions)[None], "labels": labels,
+             "packed_seq_lengths": lengths}  # on the device, as Unsloth's SFT trainer hands it over
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    # Left on the host: Unsloth copies the lengths to the GPU itself, once per forward (pinned, non-blocking).
-    batch["packed_seq_lengths"] = torch.tensor([len(r[0]) for r in rows], dtype=torch.int32)
     batch["use_cache"] = False
     return batch
 
