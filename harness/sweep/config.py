@@ -167,7 +167,7 @@ class Budget(_Strict):
     at equal data whatever their batch size. At most one of:
 
     - ``tokens``: non-padding training tokens (the default kind);
-    - ``examples``: training rows (packed sequences when packing);
+    - ``examples``: training rows (naive packing: its sequences);
     - ``epochs``: passes over the training split, counted in its tokens;
     - ``max_steps``: optimizer steps, an explicit choice: a step of a larger batch holds more
       data, so a step budget favours large batches (the summary says so).
