@@ -87,7 +87,7 @@ def sweep_config(base: str, seq_len: int, val_rows: int):
     return SweepConfig.model_validate({
         "study": "literature", "seed": 0, "model": {"name": base},
         "dataset": {"source": "kjv", "columns": {"text": "text"}, "val_fraction": 0.02, "max_val_rows": val_rows},
-        "max_seq_length": seq_len, "search_space": {"batch_size": 8, "packing": True},
+        "max_seq_length": seq_len, "search_space": {"batch_size": 8, "packing": "naive"},
     })
 
 
@@ -116,7 +116,8 @@ def train_one(run: dict, prepared, rows, args, device: str) -> dict:
     micro = min(run["batch"], args.max_micro_batch)
     params = TrainParams(method=run["method"], batch_size=micro, grad_accum=run["batch"] // micro,
                          learning_rate=run["lr"], lora_r=run["rank"] or 0, lora_alpha=ALPHA, lora_dropout=0.0,
-                         epochs=1, weight_decay=0.0, warmup_ratio=args.warmup_ratio, packing=True)
+                         epochs=1, weight_decay=0.0, warmup_ratio=args.warmup_ratio, packing="naive",
+                         batching="random", max_tokens_per_batch=0)
     budget = DataBudget("tokens", args.tokens, args.tokens)  # validated at the end (and before the first step)
     t0 = time.perf_counter()
     # cache_enabled=False: autocast caches the bf16 copy of each trainable weight until its context

@@ -53,6 +53,7 @@ class Metrics:
     val_loss: float | None = None
     tokens_per_s: float | None = None
     padded_tokens_per_s: float | None = None
+    padding_fraction: float | None = None  # padded tokens / computed tokens, over the first seed's training
     tokens_per_s_per_gpu: float | None = None
     peak_mem_mib: float | None = None
     peak_alloc_mib: float | None = None

@@ -46,6 +46,11 @@ BAD = [
     ("non-integer batch", with_(search_space__batch_size={"choices": [2, 2.5]}), "search_space.batch_size: expected a positive integer"),
     ("unknown method", with_(search_space__method={"choices": ["lora", "qlora"]}), "search_space.method: expected one of lora, full, got 'qlora'"),
     ("grid over a float range", with_(sampler={"name": "grid"}), "search_space.learning_rate: the grid sampler needs choices"),
+    ("unknown packing", with_(search_space__packing={"choices": ["none", "sorted"]}),
+     "search_space.packing: expected one of none, naive, padding_free (or true: naive / false: none), got 'sorted'"),
+    ("unknown batching", with_(search_space__batching="by_length"), "search_space.batching: expected one of random, length_grouped"),
+    ("token cap below a row", with_(max_seq_length=512, search_space__max_tokens_per_batch=256),
+     "search_space.max_tokens_per_batch: 256 is below max_seq_length (512)"),
     ("bad study name", with_(study="a/b"), "study:"),
 ]
 

@@ -32,13 +32,18 @@ def test_one_table_of_hyperparameters():
     from harness.sweep.config import SearchSpace
 
     assert list(SearchSpace.model_fields) == [f.name for f in dataclasses.fields(params.TrainParams)]
-    assert params.INTEGER == {"batch_size", "grad_accum", "lora_r", "lora_alpha", "epochs"}
-    assert params.TYPES["method"] is str and params.ALLOWED == {"method": ("lora", "full")}
-    assert params.DEFAULTS["method"] == "lora"
+    assert params.INTEGER == {"batch_size", "grad_accum", "lora_r", "lora_alpha", "epochs", "max_tokens_per_batch"}
+    assert params.TYPES["method"] is str and params.ALLOWED == {
+        "method": ("lora", "full"), "packing": ("none", "naive", "padding_free"), "batching": ("random", "length_grouped")}
+    assert params.DEFAULTS["method"] == "lora" and params.DEFAULTS["packing"] == "none"
     assert params.applicable({"method": "full", "lora_r": 8, "batch_size": 4}) == {
         "method": "full", "lora_r": None, "batch_size": 4}
-    assert params.typed({"batch_size": 4.0, "packing": 1, "learning_rate": 1}) == {
-        "batch_size": 4, "packing": True, "learning_rate": 1.0}
+    assert params.applicable({"batch_size": 4, "max_tokens_per_batch": 2048}) == {
+        "batch_size": None, "max_tokens_per_batch": 2048}
+    assert params.typed({"batch_size": 4.0, "packing": "padding_free", "learning_rate": 1}) == {
+        "batch_size": 4, "packing": "padding_free", "learning_rate": 1.0}
+    # Older sweep files and the studies they stored: packing was true/false.
+    assert params.typed({"packing": True})["packing"] == "naive" and params.typed({"packing": False})["packing"] == "none"
 
 
 def test_a_record_round_trips_and_names_its_state():

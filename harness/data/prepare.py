@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from harness import params
 from harness.data import formats, sources as data
 from harness.sweep.config import Choices, Range, SweepConfig
 from harness.errors import DataError, HarnessError
@@ -265,7 +266,9 @@ def check_batches_fit(cfg: SweepConfig, train: dict, where: str) -> None:
     dim = cfg.search_space.batch_size
     largest = int(max(dim.choices) if isinstance(dim, Choices) else dim.high if isinstance(dim, Range) else dim)
     packing = cfg.search_space.packing
-    may_pack = packing is True or (isinstance(packing, Choices) and True in packing.choices)
+    # Only naive packing turns rows into fewer, full sequences; padding-free batches count rows.
+    may_pack = "naive" in [params.typed({"packing": v})["packing"]
+                           for v in (packing.choices if isinstance(packing, Choices) else [packing])]
     usable = train["rows"]
     if may_pack:
         usable = min(usable, train["tokens"] // cfg.max_seq_length)

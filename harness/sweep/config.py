@@ -81,8 +81,12 @@ class _SearchSpaceBase(_Strict):
         )
         for v in values:
             if name in params.ALLOWED:
+                if isinstance(v, bool) and name in params.LEGACY and not isinstance(dim, Range):
+                    continue  # an older sweep file's value (params.LEGACY says what it means now)
                 if not isinstance(v, str) or v not in params.ALLOWED[name] or isinstance(dim, Range):
-                    raise ValueError(f"expected one of {', '.join(params.ALLOWED[name])}, got {v!r}")
+                    legacy = name in params.LEGACY and " (or " + " / ".join(
+                        f"{str(b).lower()}: {m}" for b, m in params.LEGACY[name].items()) + ")"
+                    raise ValueError(f"expected one of {', '.join(params.ALLOWED[name])}{legacy or ''}, got {v!r}")
                 continue
             if name in params.BOOLEAN:
                 if not isinstance(v, bool) or isinstance(dim, Range):
@@ -90,8 +94,9 @@ class _SearchSpaceBase(_Strict):
                 continue
             if isinstance(v, (str, bool)):
                 raise ValueError(f"expected a number, got {v!r}")
-            if name in params.INTEGER and (float(v) != int(v) or v < 1):
-                raise ValueError(f"expected a positive integer, got {v!r}")
+            if name in params.INTEGER and (float(v) != int(v) or v < params.MINIMUM[name]):
+                kind = "a positive integer" if params.MINIMUM[name] == 1 else f"an integer >= {params.MINIMUM[name]}"
+                raise ValueError(f"expected {kind}, got {v!r}")
             if name == "learning_rate" and v <= 0:
                 raise ValueError(f"must be > 0, got {v!r}")
         return dim
@@ -162,7 +167,7 @@ class Budget(_Strict):
     at equal data whatever their batch size. At most one of:
 
     - ``tokens``: non-padding training tokens (the default kind);
-    - ``examples``: training rows (packed sequences when packing);
+    - ``examples``: training rows (naive packing: its sequences);
     - ``epochs``: passes over the training split, counted in its tokens;
     - ``max_steps``: optimizer steps, an explicit choice: a step of a larger batch holds more
       data, so a step budget favours large batches (the summary says so).
@@ -375,6 +380,17 @@ class SweepConfig(_Strict):
         return metrics.index(self.prefer) if self.prefer else 0
 
     @model_validator(mode="after")
+    def _token_cap_fits_a_row(self) -> "SweepConfig":
+        dim = self.search_space.max_tokens_per_batch
+        values = dim.choices if isinstance(dim, Choices) else [dim.low] if isinstance(dim, Range) else [dim]
+        for v in values:
+            if 0 < v < self.max_seq_length:
+                raise ValueError(f"search_space.max_tokens_per_batch: {v:g} is below max_seq_length "
+                                 f"({self.max_seq_length}), so a row of that length would fit no micro-batch "
+                                 "(0 turns the cap off)")
+        return self
+
+    @model_validator(mode="after")
     def _grid_needs_finite(self) -> "SweepConfig":
         if self.sampler.name == "grid":
             for name, dim in self.search_space.searched().items():
@@ -396,6 +412,8 @@ def _one_line(err: ValidationError) -> str:
     loc = first["loc"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
+    if not loc and re.match(r"[a-z_]+(\.[a-z_]+)*: ", msg):
+        return msg  # a check across keys that names its key itself
     return f"{_dotted(loc)}: {msg}"
 
 

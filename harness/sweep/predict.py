@@ -219,8 +219,10 @@ class Prediction:
     - ``allocator``: :data:`ALLOCATOR_FRACTION` of all the above but the context: reserved over
       allocated.
 
-    ``grad_accum`` and ``packing`` change nothing: micro-batches run one after another, and a
-    packed or padded row is at most max_seq_length tokens either way.
+    ``grad_accum``, ``packing`` and ``batching`` change nothing: micro-batches run one after
+    another, and a packed or padded row is at most max_seq_length tokens either way (a
+    padding-free micro-batch of batch_size rows is at most batch_size x max_seq_length tokens
+    long); ``max_tokens_per_batch``, when set, is T.
     """
 
     total_mib: float
@@ -293,7 +295,8 @@ def predict(cfg: Any, params: Mapping[str, Any] | None = None, arch: Mapping[str
     counts = parameter_counts(arch)
     rank = int(p.get("lora_r") or 0)
     targets = [t for t in m.target_modules if t in _linears(arch)]
-    tokens = int(p["batch_size"]) * cfg.max_seq_length
+    # A micro-batch's tokens: batch_size rows of up to max_seq_length, or the token cap when one is set.
+    tokens = int(p.get("max_tokens_per_batch") or 0) or int(p["batch_size"]) * cfg.max_seq_length
 
     parts: dict[str, float] = {"cuda_context": CUDA_CONTEXT_MIB}
     if quantized:

@@ -68,7 +68,8 @@ def trials_frame(study: optuna.Study) -> pl.DataFrame:
             row["outcome"] = "stale_retried"  # its driver died; a retry ran its parameters
         row["outcome"] = row["outcome"] or t.state.name.lower()
         method = row["method"] or t.params.get("method")
-        for p, v in params.applicable({"method": method, **t.params}).items():
+        # typed: a study begun by an older sweep file holds packing as true/false (params.LEGACY).
+        for p, v in params.applicable({"method": method, **params.typed(t.params)}).items():
             if p in param_names:
                 row[f"param_{p}"] = v
         rows.append(row)

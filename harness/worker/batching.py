@@ -1,4 +1,5 @@
-"""Rows into batches: dynamic padding, plain packing, the seeded stream of micro-batches.
+"""Rows into batches: dynamic padding, plain packing, padding-free packing, the seeded stream of
+micro-batches (random or grouped by length, sized in rows or in tokens).
 
 Torch is the only heavy import: tests import this module without unsloth.
 """
@@ -55,20 +56,163 @@ def collate(rows: list[Row], pad_id: int, device: str) -> dict[str, torch.Tensor
     return {k: v.to(device, non_blocking=True) for k, v in (("input_ids", ids), ("attention_mask", mask), ("labels", labels))}
 
 
+def collate_padding_free(rows: list[Row], device: str) -> dict[str, torch.Tensor]:
+    """Padding-free packing: the rows concatenated into one sequence of shape (1, total), with
+    position ids restarting at 0 at each row, so attention stays within each row and no token is padding.
+
+    The first label of every row is -100: the position before it is the previous row's last
+    token, and a row's first token is never predicted from another row (alone, it is not
+    predicted at all). So the loss, its token count and the gradients are those of the rows
+    run alone.
+
+    How the model keeps attention within rows (README, "Padding-free packing"): Unsloth's fast
+    forward reads ``packed_seq_lengths`` for its variable-length attention (its SFT trainer passes
+    the same keys, ``use_cache=False`` included); plain transformers (Unsloth's CPU backend, the
+    HF baseline) finds the rows from ``position_ids``, but only without an attention mask and
+    without a cache, and its models create a cache unless ``use_cache=False``.
+    """
+    ids = np.concatenate([r[0] for r in rows]).astype(np.int64)
+    positions = np.concatenate([np.arange(len(r[0])) for r in rows])
+    counted = np.concatenate([np.ones(len(r[0]), dtype=bool) if r[1] is None else r[1].astype(bool) for r in rows])
+    starts = np.cumsum([0] + [len(r[0]) for r in rows[:-1]])
+    counted[starts] = False
+    input_ids = torch.from_numpy(ids)[None]
+    labels = input_ids.masked_fill(~torch.from_numpy(counted)[None], -100)
+    lengths = torch.tensor([len(r[0]) for r in rows], dtype=torch.int32)
+    batch = {"input_ids": input_ids, "position_ids": torch.from_numpy(positions)[None], "labels": labels,
+             "packed_seq_lengths": lengths}  # on the device, as Unsloth's SFT trainer hands it over
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    batch["use_cache"] = False
+    return batch
+
+
+def collate_for(packing: str, rows: list[Row], pad_id: int, device: str) -> dict[str, torch.Tensor]:
+    """A micro-batch's tensors for a packing mode: padding-free, or padded (naive packing's
+    sequences are already full, so padding them adds nothing but CUDA's rounding)."""
+    if packing == "padding_free":
+        return collate_padding_free(rows, device)
+    return collate(rows, pad_id, device)
+
+
 def predicted_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Tokens the loss is averaged over: every label after the first position that is not padding."""
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
+def token_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(real tokens, computed tokens) of a collated micro-batch: its padding is the difference."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum()), batch["attention_mask"].numel()
+    return batch["input_ids"].numel(), batch["input_ids"].numel()  # padding-free: every token is real
 
-def batches(rows: list[np.ndarray], batch_size: int, seed: int):
-    """Endless stream of micro-batches, reshuffled each epoch with a seed derived from ``seed``."""
-    epoch = 0
-    while True:
-        order = list(range(len(rows)))
-        random.Random(seed * 1000 + epoch).shuffle(order)
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield [rows[j] for j in order[i : i + batch_size]]
-        epoch += 1
+
+# Length grouping sorts rows within groups of this many micro-batches (as transformers'
+# LengthGroupedSampler does): wide enough to find rows of similar length, narrow enough that
+# the order stays random at the scale of an epoch.
+GROUP_MICRO_BATCHES = 50
+
+
+class BatchStream:
+    """The endless, seeded stream of micro-batches (lists of rows), planned one epoch at a time.
+
+    Each epoch shuffles the rows with a seed derived from ``seed`` and the epoch. ``batching``:
+
+    - ``random``: micro-batches are consecutive runs of the shuffled order.
+    - ``length_grouped``: the shuffled order is cut into groups of ``GROUP_MICRO_BATCHES``
+      micro-batches' worth of rows, each group sorted by length (longest first) and cut into
+      micro-batches, and the epoch's micro-batches shuffled again; the one that computes the most
+      tokens goes first, so an out-of-memory shows at the first step.
+
+    A micro-batch holds ``batch_size`` rows, or with ``max_tokens`` > 0 as many rows as keep its
+    computed tokens within ``max_tokens``: the rows times the longest when padded, their sum when
+    ``flat`` (padding-free). A row that alone exceeds the cap forms a micro-batch of its own. With
+    rows counted, an epoch's last, partial micro-batch is dropped (a full batch every step); with
+    tokens, nothing is dropped.
+
+    ``epochs_done`` counts the epochs whose last micro-batch has been drawn. The same rows,
+    options and seed give the same micro-batches.
+    """
+
+    def __init__(self, rows: list[Row], batch_size: int, seed: int, *, batching: str = "random",
+                 max_tokens: int = 0, flat: bool = False):
+        if batching not in ("random", "length_grouped"):
+            raise ValueError(f"unknown batching {batching!r}")
+        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self.batching, self.max_tokens, self.flat = batching, max_tokens, flat
+        self.lengths = [len(r[0]) for r in rows]
+        self.epoch = self.epochs_done = 0
+        self._plan: list[list[int]] = []
+        self._next = 0
+
+    def cost(self, indices: list[int]) -> int:
+        """Tokens a micro-batch of these rows computes (before CUDA's rounding of padded widths)."""
+        lengths = [self.lengths[i] for i in indices]
+        return sum(lengths) if self.flat else len(lengths) * max(lengths, default=0)
+
+    def _cut(self, order: list[int], keep_partial: bool) -> list[list[int]]:
+        if not self.max_tokens:
+            b = self.batch_size
+            end = len(order) if keep_partial else len(order) - len(order) % b
+            return [order[i : i + b] for i in range(0, end, b)]
+        out, current, total, longest = [], [], 0, 0
+        for i in order:
+            n = self.lengths[i]
+            t, l = total + n, max(longest, n)
+            if current and (t if self.flat else (len(current) + 1) * l) > self.max_tokens:
+                out.append(current)
+                current, t, l = [], n, n
+            current.append(i)
+            total, longest = t, l
+        return out + ([current] if current else [])
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        """The row indices of each micro-batch of ``epoch``, in order."""
+        order = list(range(len(self.rows)))
+        random.Random(self.seed * 1000 + epoch).shuffle(order)
+        if self.batching == "random":
+            return self._cut(order, keep_partial=bool(self.max_tokens))
+        # Groups in rows (GROUP_MICRO_BATCHES x batch_size) or in tokens (that many caps' worth of rows).
+        groups, group, tokens = [], [], 0
+        for i in order:
+            group.append(i)
+            tokens += self.lengths[i]
+            if (len(group) == GROUP_MICRO_BATCHES * self.batch_size if not self.max_tokens
+                    else tokens >= GROUP_MICRO_BATCHES * self.max_tokens):
+                groups.append(group)
+                group, tokens = [], 0
+        if group:
+            groups.append(group)
+        micro = []
+        for g in groups:
+            g.sort(key=lambda i: -self.lengths[i])  # stable: rows of one length keep their shuffled order
+            micro += self._cut(g, keep_partial=True)
+        if not self.max_tokens:  # a full batch every step: the epoch's one partial micro-batch goes
+            micro = [m for m in micro if len(m) == self.batch_size]
+        random.Random(self.seed * 1000 + epoch + 500).shuffle(micro)
+        if micro:
+            largest = max(range(len(micro)), key=lambda k: self.cost(micro[k]))
+            micro.insert(0, micro.pop(largest))
+        return micro
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> list[Row]:
+        if self._next >= len(self._plan):
+            self._plan, self._next = self.plan(self.epoch), 0
+            if not self._plan:
+                raise ValueError(f"{len(self.rows)} rows make no micro-batch of {self.batch_size}")
+        indices = self._plan[self._next]
+        self._next += 1
+        if self._next == len(self._plan):
+            self.epoch += 1
+            self.epochs_done = self.epoch
+        return [self.rows[i] for i in indices]
+
+
+def batches(rows: list[Row], batch_size: int, seed: int, **options) -> BatchStream:
+    """Endless stream of micro-batches, reshuffled each epoch with a seed derived from ``seed``
+    (:class:`BatchStream`; with no options, ``batch_size`` rows in random order)."""
+    return BatchStream(rows, batch_size, seed, **options)
 
 

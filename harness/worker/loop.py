@@ -18,7 +18,8 @@ import torch
 
 from harness.params import TrainParams
 from harness.worker import backends
-from harness.worker.batching import Row, batches, collate, load_rows, pack, predicted_tokens  # noqa: F401
+from harness.worker.batching import (Row, batches, collate, collate_for, load_rows, pack,  # noqa: F401
+                                     predicted_tokens, token_counts)
 from harness.worker.distributed import Dist, init_distributed  # noqa: F401
 from harness.worker.step import DataBudget, accumulate, lr_factor, seed_everything, step_timing  # noqa: F401
 from harness.worker.metrics import (failure_message, is_out_of_memory, memory_in_use, peak_memory,  # noqa: F401
@@ -39,6 +40,7 @@ class TrainResult:
     examples_trained: int = 0
     tokens_per_s: float | None = None
     padded_tokens_per_s: float | None = None  # counting padding too: what the GPU actually computed
+    tokens_computed: int = 0  # padding included: tokens_trained / tokens_computed is the share that was data
     train_s: float = 0.0
     eval_s: float = 0.0
     history: list[dict] = field(default_factory=list)
@@ -135,16 +137,20 @@ def train(
     any timed step) returning a reason (``"pruned"``, ``"converged"``) stops
     training. Validation always runs on the unpacked rows, so packed and padded trials are
     compared alike. ``evaluate_start`` also validates before the first step (``val_loss_start``).
+
+    ``p.packing``, ``p.batching`` and ``p.max_tokens_per_batch`` shape the micro-batches
+    (``batching.BatchStream``, ``batching.collate_for``); the budget counts non-padding tokens
+    whatever they are, and ``examples`` counts rows (naive packing: its sequences).
     """
-    if p.packing:
+    if p.packing == "naive":
         train_rows = pack(train_rows, max_seq_length)
-    if len(train_rows) < p.batch_size * dist.world:
+    if not p.max_tokens_per_batch and len(train_rows) < p.batch_size * dist.world:
         raise ValueError(f"the training split has {len(train_rows)} rows, fewer than one batch of {p.batch_size}")
-    max_examples = p.epochs * (len(train_rows) // (p.batch_size * dist.world)) * p.batch_size * dist.world
     trainable = [t for t in model.parameters() if t.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=p.learning_rate, weight_decay=p.weight_decay)
     result = TrainResult(budget_unit=budget.unit, budget=budget.total)
-    stream = batches(train_rows, p.batch_size, seed)
+    stream = batches(train_rows, p.batch_size, seed, batching=p.batching, max_tokens=p.max_tokens_per_batch,
+                     flat=p.packing == "padding_free")
     timed_tokens, timed_padded, timed_s = 0, 0, 0.0
     next_eval = 1
     if evaluate_start:
@@ -158,8 +164,9 @@ def train(
             group["lr"] = p.learning_rate * lr_factor(progress, p.warmup_ratio)
         sync(device)
         t0 = time.perf_counter()
-        micro = [collate([next(stream) for _ in range(dist.world)][dist.rank], pad_id, device)
-                 for _ in range(p.grad_accum)]
+        # Every rank draws every rank's micro-batches and keeps its own: the same order on all ranks.
+        drawn = [[next(stream) for _ in range(dist.world)] for _ in range(p.grad_accum)]
+        micro = [collate_for(p.packing, rows[dist.rank], pad_id, device) for rows in drawn]
         step_loss, _ = accumulate(model, micro, dist)
         if not math.isfinite(step_loss):
             raise NonFiniteLoss(f"loss became {step_loss} at step {result.steps + 1}")
@@ -169,18 +176,19 @@ def train(
         opt.zero_grad(set_to_none=True)
         sync(device)
         dt = time.perf_counter() - t0
-        tokens, padded = (int(x) for x in dist.sum(sum(int(b["attention_mask"].sum()) for b in micro),
-                                                    sum(b["attention_mask"].numel() for b in micro)))
+        counts = [token_counts(b) for b in micro]
+        tokens, padded = (int(x) for x in dist.sum(sum(c[0] for c in counts), sum(c[1] for c in counts)))
         result.steps += 1
         result.tokens_trained += tokens
-        result.examples_trained += p.batch_size * p.grad_accum * dist.world
+        result.tokens_computed += padded
+        result.examples_trained += sum(len(rows) for ranks in drawn for rows in ranks)
         result.train_s += dt
         result.step_s.append(dt)
         if result.steps > timing_warmup_steps:
             timed_tokens, timed_padded, timed_s = timed_tokens + tokens, timed_padded + padded, timed_s + dt
         position = budget.position(result.tokens_trained, result.examples_trained, result.steps)
         on_step(result.steps, min(1.0, position / budget.total), step_loss)
-        done = position >= budget.total or result.examples_trained >= max_examples
+        done = position >= budget.total or stream.epochs_done >= p.epochs
         if position >= budget.milestone(next_eval) or done:
             while next_eval < budget.milestones() and position >= budget.milestone(next_eval + 1):
                 next_eval += 1  # a step larger than the cadence passes several milestones at once

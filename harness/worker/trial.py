@@ -247,6 +247,8 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
             steady_step_s=_rounded(first.steady_step_s, 6), warmup_s=_rounded(first.warmup_s, 3),
             train_steady_s=_rounded(steady_training_s(results), 3),
         )
+        if first.tokens_computed:
+            m.padding_fraction = round(1 - first.tokens_trained / first.tokens_computed, 4)
         _objective(record, results, cfg, len(seeds))
         if record.outcome == "pruned":
             # Optuna's pruner (single objective) is named as configured; the harness's rules by rule.
