@@ -5,7 +5,7 @@
 # trials of STEPS steps on GPU 0 alone and on GPUs 0,1 (ORDER: "1 2" or "2 1"). Table from the
 # Optuna storages (bench/efficiency_table.py): trials per hour, sweep efficiency, fixed and warm-up s.
 set -u
-TRIALS=${TRIALS:-12}
+TRIALS=${TRIALS:-8}
 STEPS=${STEPS:-20}
 ORDER=${ORDER:-"1 2"}
 SWEEP=${SWEEP:-sweeps/mistral7b-packed.yaml}
@@ -28,10 +28,17 @@ for n in $ORDER; do
   gpus=$([ "$n" = 1 ] && echo 0 || echo 0,1)
   "$PY" bench/efficiency_table.py sweep "$SWEEP" /tmp/pool-$n.yaml --study pool-${n}gpu --trials "$TRIALS" --steps "$STEPS" --start-method warm
   start=$SECONDS
-  timeout -s INT -k 30 "${SHARE_S:-260}" "$PY" bench/efficiency_table.py run run /tmp/pool-$n.yaml --results-dir "$RES" --gpus "$gpus" > "$OUT/pool-$n.log" 2>&1
+  timeout -s INT -k 30 "${SHARE_S:-200}" "$PY" bench/efficiency_table.py run run /tmp/pool-$n.yaml --results-dir "$RES" --gpus "$gpus" > "$OUT/pool-$n.log" 2>&1
   echo "pool-${n}gpu: rc=$? wall=$((SECONDS - start))s" | tee -a "$OUT/runs.txt"
   tail -3 "$OUT/pool-$n.log" >> "$OUT/runs.txt"
 done
+# Then, on GPU 0 with the machine warm: 5-step trials (what the sweep efficiency is for short trials).
+if [ -n "${FIVE_STEP_TRIALS:-8}" ] && [ $SECONDS -lt 430 ]; then
+  "$PY" bench/efficiency_table.py sweep "$SWEEP" /tmp/pool-5.yaml --study warm-5step --trials "${FIVE_STEP_TRIALS:-8}" --steps 5 --start-method warm
+  start=$SECONDS
+  timeout -s INT -k 20 $(( 530 - SECONDS )) "$PY" bench/efficiency_table.py run run /tmp/pool-5.yaml --results-dir "$RES" --gpus 0 > "$OUT/warm-5step.log" 2>&1
+  echo "warm-5step: rc=$? wall=$((SECONDS - start))s" | tee -a "$OUT/runs.txt"
+fi
 "$PY" bench/efficiency_table.py table "$RES" --json "$OUT/table.json" | tee "$OUT/table.md"
 tar czf "$OUT/studies.tar.gz" -C "$RES" --exclude=best --exclude=weights --exclude=wandb . 2>/dev/null
 echo "done after ${SECONDS}s"
