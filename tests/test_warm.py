@@ -47,6 +47,8 @@ def test_warm_workers_match_separate_processes_and_a_failure_replaces_the_worker
         assert t.value == pytest.approx(twin.value, abs=1e-6), (t.number, t.params)
         assert t.intermediate_values == pytest.approx(twin.intermediate_values, abs=1e-6)
         assert t.user_attrs["start_method"] == "warm"
+        # Measured once per worker (a fresh adapter is a no-op): the same as every fork trial's.
+        assert t.user_attrs["val_loss_start"] == pytest.approx(twin.user_attrs["val_loss_start"], abs=1e-6)
     attrs = {t.number: t.user_attrs for t in warm.trials}
     # Worker 1 ran trials 0-2 (its base kept from the first: the fingerprint check passed each
     # time) and retired after the NaN; worker 2 took trial 3 and was killed with it; worker 3 the rest.

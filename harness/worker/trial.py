@@ -207,13 +207,20 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
                     m.fixed_s = round(time.time() - started_at, 3)
                     stage.reached_training = record.reached_training = True
                     progress("phase", phase="training")
+                # The untrained model's loss is the same for every seed (a LoRA starts as a no-op),
+                # and for every trial that lends from a warm worker's base: measured once there.
+                known_start = worker.base.val_loss_start if lent_from(worker, params) else None
                 result = T.train(
                     model, train_rows, val_rows, params, pad_id=pad_id, device=device, seed=seed,
                     max_seq_length=cfg.max_seq_length, budget=budget,
                     timing_warmup_steps=cfg.budget.timing_warmup_steps, on_step=on_step, on_eval=on_eval, dist=dist,
-                    # The untrained model's loss is the same for every seed (a LoRA starts as a no-op).
-                    evaluate_start=index == 0,
+                    evaluate_start=index == 0 and known_start is None,
                 )
+                if index == 0 and lent_from(worker, params):
+                    if known_start is None:
+                        worker.base.val_loss_start = result.val_loss_start
+                    else:
+                        result.val_loss_start = known_start
                 results.append(result)
                 if result.stopped_by == "pruned":
                     break  # pruned on its first seed's curve: the other seeds are not run
@@ -272,6 +279,11 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
             model.save_pretrained(str(trial_dir / best.WEIGHTS))
             tokenizer.save_pretrained(str(trial_dir / best.WEIGHTS))
     return record
+
+
+def lent_from(worker: Worker | None, params) -> bool:
+    """Whether this trial's model is an adapter on the worker's kept base."""
+    return worker is not None and worker.base is not None and params.method == "lora"
 
 
 def _lend(worker: Worker, model_dir: str, params, cfg, dtype, device: str, seed: int, m: Metrics):

@@ -67,6 +67,9 @@ class WarmBase:
         )
         self.lent: Any = None
         self.trials = 0
+        # The base's validation loss, set by the first trial that lends from it: every later trial's
+        # val_loss_start is the same (a fresh adapter is a no-op), so it is not computed again.
+        self.val_loss_start: float | None = None
         self._fingerprint = fingerprint(self.model)
         gc.collect()
         release_cached_memory(device)
