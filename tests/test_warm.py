@@ -103,3 +103,15 @@ def test_a_lent_adapter_is_fresh_and_leaves_the_base_as_loaded(harness_cache):
     proc = subprocess.run([sys.executable, "-c", BASE_CHECK], cwd=ROOT, env=dict(os.environ), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_a_worker_that_dies_before_training_is_replaced_and_its_trial_retried(tmp_path, harness_cache):
+    # Trial 0's worker kills itself before the trial loads anything: nothing about the config was
+    # tried, so the same parameters run again, in a new worker, and the study still completes.
+    study = _run(tmp_path, "early", 2, faults="0:sigkill@0", start_method="warm")
+    trials = study.trials
+    assert trials[0].state == optuna.trial.TrialState.FAIL
+    assert trials[0].user_attrs["outcome"] == "infrastructure", trials[0].user_attrs
+    assert trials[1].params == trials[0].params and trials[1].state == optuna.trial.TrialState.COMPLETE
+    assert trials[1].user_attrs["worker_trial"] == 1, "the retry ran in a fresh worker"
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 2

@@ -113,8 +113,8 @@ class WarmTrial:
 
     start_method = "warm"
 
-    def __init__(self, worker: WarmWorker, number: int):
-        self.worker, self.number = worker, number
+    def __init__(self, worker: WarmWorker, number: int, log: Path):
+        self.worker, self.number, self.log = worker, number, log
         self.answer: tuple[int, int, bool] | None = None
 
     def _poll(self, timeout: float) -> None:
@@ -135,7 +135,12 @@ class WarmTrial:
             self._poll(1.0)
         self._poll(0.0)  # an answer written just before the worker exited
         if self.answer is None:
-            return self.worker.proc.wait()
+            code = self.worker.proc.wait()
+            if self.log.stat().st_size == 0 and self.worker.log.exists():
+                # It died before its trial began (in its imports, say): what it printed is the
+                # trial's log, so the failure's reason is not lost.
+                self.log.write_bytes(self.worker.log.read_bytes())
+            return code
         return self.answer[1]
 
 
@@ -174,13 +179,12 @@ class WarmLauncher(Launcher):
 
     def _start(self, number: int, slot: str, env: dict[str, str], log: Path) -> WarmTrial:
         log.write_text("")  # this trial's log: the worker appends to it while the trial runs
-        for _ in range(2):  # a worker that died waiting is replaced once
-            self.prefetch(slot)
-            worker = self._workers[slot]
-            if worker.assign(number, env["HARNESS_STARTED_AT"], env[PATH_ENV], log):
-                return WarmTrial(worker, number)
-            worker.kill()
-        raise RuntimeError(f"the warm worker for slot {slot} died before taking trial {number}")
+        self.prefetch(slot)  # a new worker if the slot has none alive
+        worker = self._workers[slot]
+        # A worker that dies before answering (even before reading this line) ends the trial as
+        # any dead process does: an infrastructure failure before training, retried.
+        worker.assign(number, env["HARNESS_STARTED_AT"], env[PATH_ENV], log)
+        return WarmTrial(worker, number, log)
 
     def run(self, number: int, slot: str, on_event, prefetch: bool = False):
         result = super().run(number, slot, on_event, prefetch=False)
