@@ -91,7 +91,7 @@ def run(out: Path, models: list[str]) -> None:
             val = [(rng.integers(5, 32000, seq).astype(np.int32), None) for _ in range(8)]
             params = TrainParams(method="lora", batch_size=bs, grad_accum=accum, learning_rate=1e-4, lora_r=rank,
                                  lora_alpha=rank, lora_dropout=0.0, epochs=1, weight_decay=0.0, warmup_ratio=0.0,
-                                 packing=False)
+                                 packing="none", batching="random", max_tokens_per_batch=0)
             line = dict(group=name, model=model, max_seq_length=seq, gradient_checkpointing=gc, batch_size=bs,
                         grad_accum=accum, lora_r=rank, index=index, repeat=index == len(configs), gpu=gpu,
                         card_mib=round(card_mib, 1))
