@@ -471,7 +471,8 @@ def plot_curves(study: optuna.Study, out: Path) -> None:
     unit = (study.user_attrs.get("budget") or {}).get("unit", "steps")
     ax.set(xlabel={"tokens": "training tokens", "epochs": "training tokens", "examples": "training examples"}.get(
         unit, "optimizer step"), ylabel="validation loss", title=f"{study.study_name}: validation loss by trial")
-    ax.legend(fontsize=8)
+    if shown:  # a study with no curve yet (every trial failed before validating) has no legend
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(out) as tmp:
