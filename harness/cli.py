@@ -175,7 +175,7 @@ def _cmd_predict(args: argparse.Namespace, console: Console) -> int:
     for p in configs:
         pred = pm.predict(cfg, p, arch)
         g = pred.groups()
-        over = any(pm.over_limit(pred, limit, include_context=ctx) for _, limit, ctx in limits)
+        over = any(pm.over_limit(pred, limit, cfg.predicted_oom_margin, include_context=ctx) for _, limit, ctx in limits)
         shown_values = params.applicable(p)
         table.add_row(*["-" if (v := shown_values[n]) is None else f"{v:.3g}" if isinstance(v, float) else str(v)
                         for n in shown],
@@ -184,7 +184,8 @@ def _cmd_predict(args: argparse.Namespace, console: Console) -> int:
     Console(file=console.file, width=max(console.width, 200)).print(table)  # a pipe or a log keeps every column
     console.print(f"total: the CUDA context ({pm.CUDA_CONTEXT_MIB:,.0f}) + fixed (weights) + optim (adapters or "
                   "weights' training state) + activ (activations, logits)"
-                  + (f"; over: predicted x 1.05 > {' or '.join(n for n, _, _ in limits)}" if limits else ""),
+                  + (f"; over: predicted x {1 + cfg.predicted_oom_margin:g} > {' or '.join(n for n, _, _ in limits)}"
+                     if limits else ""),
                   highlight=False)
     return 0
 

@@ -52,24 +52,21 @@ class WarmWorker:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def assign(self, number: int, started_at: str, channel: str, log: Path) -> bool:
-        """Hand the worker trial ``number``; False if it has died."""
-        if not self.alive():
-            return False
+    def _send(self, line: str) -> None:
+        """One line to the worker's stdin; a dead worker is found by its trial's watchdog, not here."""
         try:
-            self.proc.stdin.write(f"{number} {started_at} {channel} {log}\n".encode())
+            self.proc.stdin.write(f"{line}\n".encode())
             self.proc.stdin.flush()
         except (BrokenPipeError, ValueError, OSError):
-            return False
-        return True
+            pass
+
+    def assign(self, number: int, started_at: str, channel: str, log: Path) -> None:
+        """Hand the worker trial ``number``."""
+        self._send(f"{number} {started_at} {channel} {log}")
 
     def preload(self) -> None:
         """Ask the worker to load the study's base now, before its first trial."""
-        try:
-            self.proc.stdin.write(b"preload\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, ValueError, OSError):
-            pass  # dead: the first trial finds out and replaces it
+        self._send("preload")
 
     def reply(self, timeout: float = 0.0) -> tuple[int, int, bool] | None:
         """(number, exit code, retiring) once the worker has answered its trial; else None."""
