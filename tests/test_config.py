@@ -52,6 +52,12 @@ BAD = [
     ("token cap below a row", with_(max_seq_length=512, search_space__max_tokens_per_batch=256),
      "search_space.max_tokens_per_batch: 256 is below max_seq_length (512)"),
     ("bad study name", with_(study="a/b"), "study:"),
+    ("enqueue a fixed key", with_(enqueue=[{"lora_alpha": 8}]), "enqueue.0.lora_alpha: search_space fixes it at 16"),
+    ("enqueue an unknown key", with_(enqueue=[{"learning_rate": 1e-3, "lr": 1}]), "enqueue.0.lr: not a search_space dimension"),
+    ("enqueue off the choices", with_(search_space__batch_size={"choices": [2, 4]}, enqueue=[{"batch_size": 8}]),
+     "enqueue.0.batch_size: 8 is not one of the choices [2, 4]"),
+    ("enqueue out of range", with_(enqueue=[{"learning_rate": 2e-4}, {"learning_rate": 1.0}]),
+     "enqueue.1.learning_rate: 1.0 is outside the range"),
 ]
 
 
@@ -96,3 +102,27 @@ def test_shipped_sweeps_validate():
     assert demo.model.name == "tiny-mistral-base" and demo.dataset.source == "kjv" and demo.n_trials >= 4
     assert isinstance(demo.search_space.learning_rate, Range) and demo.search_space.learning_rate.log
     assert isinstance(demo.search_space.lora_r, Choices)
+
+
+def test_enqueued_configs_run_first_once(tmp_path):
+    """The sweep file's enqueued configs are the study's first trials, sampled dimensions they leave
+    out are filled in, and a resumed study does not queue them again."""
+    import optuna
+
+    from harness.sweep.driver import _next_trial
+    from harness.sweep.study import create_study, enqueue_first, suggest
+
+    text = with_(search_space__batch_size={"choices": [2, 4, 8]},
+                 enqueue=[{"batch_size": 8, "learning_rate": 3e-4}, {"batch_size": 2}])
+    cfg = load_sweep(write(tmp_path, text))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = create_study(cfg, url)
+    assert enqueue_first(study, cfg) == 2
+    first = suggest(_next_trial(study, cfg), cfg)
+    second = suggest(_next_trial(study, cfg), cfg)
+    assert (first["batch_size"], first["learning_rate"]) == (8, 3e-4)
+    assert second["batch_size"] == 2 and cfg.search_space.learning_rate.low <= second["learning_rate"] <= cfg.search_space.learning_rate.high
+    assert all(t.user_attrs.get("enqueued") for t in study.get_trials())
+    resumed = create_study(cfg, url)
+    assert enqueue_first(resumed, cfg) == 0
+    assert len(resumed.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 0

@@ -303,6 +303,10 @@ class SweepConfig(_Strict):
     sampler: SamplerConfig = SamplerConfig()
     pruner: PrunerConfig = PrunerConfig()
     n_trials: int = Field(default=8, gt=0)
+    # Configs to try first, before the sampler proposes any (Optuna's enqueue_trial): a baseline the
+    # study should beat, or a known-good config. Each names searched dimensions only; those it
+    # leaves out are sampled. Queued once, when the study is created; they count towards n_trials.
+    enqueue: list[dict[str, Scalar]] = []
     timeout: float | None = Field(default=None, gt=0)
     memory_budget_mib: float | None = Field(default=None, gt=0)  # over it: the trial is infeasible
     # Skip a config whose predicted peak memory is over the budget or the card (sweep/predict.py):
@@ -388,6 +392,27 @@ class SweepConfig(_Strict):
                 raise ValueError(f"search_space.max_tokens_per_batch: {v:g} is below max_seq_length "
                                  f"({self.max_seq_length}), so a row of that length would fit no micro-batch "
                                  "(0 turns the cap off)")
+        return self
+
+    @model_validator(mode="after")
+    def _enqueued_in_space(self) -> "SweepConfig":
+        searched, fixed = self.search_space.searched(), self.search_space.fixed()
+        for i, config in enumerate(self.enqueue):
+            for name, value in config.items():
+                where = f"enqueue.{i}.{name}"
+                if name in fixed:
+                    raise ValueError(f"{where}: search_space fixes it at {fixed[name]!r}; enqueue names searched "
+                                     "dimensions only")
+                if name not in searched:
+                    raise ValueError(f"{where}: not a search_space dimension")
+                dim = searched[name]
+                if isinstance(dim, Choices):
+                    if value not in dim.choices or type(value) is bool and not any(c is value for c in dim.choices):
+                        raise ValueError(f"{where}: {value!r} is not one of the choices {dim.choices}")
+                elif isinstance(value, (str, bool)) or not dim.low <= value <= dim.high:
+                    raise ValueError(f"{where}: {value!r} is outside the range [{dim.low:g}, {dim.high:g}]")
+                elif dim.step is not None and abs((value - dim.low) / dim.step - round((value - dim.low) / dim.step)) > 1e-9:
+                    raise ValueError(f"{where}: {value!r} is not on the range's step {dim.step:g} from {dim.low:g}")
         return self
 
     @model_validator(mode="after")

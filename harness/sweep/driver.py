@@ -29,7 +29,7 @@ from harness.sweep.display import Display
 from harness.sweep.efficiency import RunClock
 from harness.sweep.storage import default_storage, fail_stale, heartbeat, redact, study_lock
 from harness.sweep.predict import StudyMemory
-from harness.sweep.study import counted_trials, create_study, finished_count, record_result, suggest, trial_params
+from harness.sweep.study import counted_trials, create_study, enqueue_first, finished_count, record_result, suggest, trial_params
 from harness.sweep.wandb_check import remove_empty_runs, study_wandb_mode
 
 WAIT = "wait"
@@ -122,6 +122,8 @@ def run_sweep(
     # Workers share a study: each samples with its own seed (its process id mixed in), so two
     # workers started alike do not propose the same parameters.
     study = create_study(cfg, storage_url, worker=os.getpid() if worker else 0)
+    with study_lock(storage_url):
+        enqueue_first(study, cfg)
     fail_stale(study)
     done = finished_count(study)
     console.print(f"study [bold]{cfg.study}[/]: {done} of {cfg.n_trials} trials finished; storage {redact(storage_url)}; "

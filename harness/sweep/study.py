@@ -91,6 +91,16 @@ def create_study(cfg: SweepConfig, storage_url: str, worker: int = 0) -> optuna.
                              pruner=make_pruner(cfg))
 
 
+def enqueue_first(study: optuna.Study, cfg: SweepConfig) -> int:
+    """Queue the sweep file's ``enqueue`` configs on a study that holds no trial yet, so they run
+    first; the number queued. A resumed study, or one another worker has started, is left as it is."""
+    if not cfg.enqueue or study.get_trials(deepcopy=False):
+        return 0
+    for config in cfg.enqueue:
+        study.enqueue_trial(dict(config), user_attrs={"enqueued": True}, skip_if_exists=True)
+    return len(cfg.enqueue)
+
+
 def load_study(cfg: SweepConfig, storage_url: str) -> optuna.Study:
     return optuna.load_study(
         study_name=cfg.study, storage=make_storage(storage_url), sampler=make_sampler(cfg), pruner=make_pruner(cfg),
