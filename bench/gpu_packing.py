@@ -34,7 +34,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def sft(study_dir: Path, out: Path, device: str) -> None:
+def study_params(study_dir: Path, cfg, trial: int | None) -> dict:
+    """The study's fixed hyperparameters, or with ``trial`` that trial's full set (the
+    throughput sweep's first trial is the Unsloth default it is measured against)."""
+    if trial is None:
+        return cfg.search_space.fixed()
+    import optuna
+
+    from harness.sweep.storage import default_storage, make_storage
+    from harness.sweep.study import trial_params
+
+    study = optuna.load_study(study_name=cfg.study, storage=make_storage(cfg.storage or default_storage(study_dir)))
+    return trial_params(next(t for t in study.get_trials(deepcopy=False) if t.number == trial), cfg)
+
+
+def sft(study_dir: Path, out: Path, device: str, trial: int | None = None) -> None:
     t_start = time.perf_counter()
     import unsloth  # noqa: F401  (first: it patches transformers, trl and peft)
     from unsloth import FastLanguageModel
@@ -52,7 +66,7 @@ def sft(study_dir: Path, out: Path, device: str) -> None:
     import_s = time.perf_counter() - t_start
     cfg = SweepConfig.model_validate_json((study_dir / "sweep.json").read_text())
     prepared = Prepared.load(study_dir / "prepared.json")
-    fixed = cfg.search_space.fixed()
+    fixed = study_params(study_dir, cfg, trial)
     need = ("batch_size", "grad_accum", "learning_rate", "lora_r", "lora_alpha", "warmup_ratio", "weight_decay")
     missing = [k for k in need if k not in fixed]
     if missing or cfg.budget.tokens is None:
@@ -147,6 +161,7 @@ def sft(study_dir: Path, out: Path, device: str) -> None:
         "peak_mem_mib": round(peak["peak_mem_mib"], 1), "import_s": round(import_s, 1), "load_s": round(load_s, 1),
         "init_s": round(init_s, 1), "train_s": round(train_s, 1),
         "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "params": {k: fixed[k] for k in need}, "params_of_trial": trial,
     }
     out.write_text(json.dumps(record, indent=1))  # what training measured, before anything else can fail
     try:
@@ -163,33 +178,44 @@ def sft(study_dir: Path, out: Path, device: str) -> None:
 
 
 def table(study_dirs: list[Path], sft_json: Path | None, out: Path) -> None:
+    """One row per trial (and the SFT run): what each config did with the same token budget. A
+    multi-objective study's Pareto front is marked; with the SFT run, each row's non-padding
+    tokens/s is also given as a multiple of the trainer's."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sft_run = json.loads(sft_json.read_text()) if sft_json and sft_json.exists() else None
+    base = sft_run and sft_run.get("tokens_per_s")
     rows = []
     for study_dir in study_dirs:
         cfg = json.loads((study_dir / "sweep.json").read_text())
         storage = cfg.get("storage") or f"sqlite:///{study_dir / 'study.db'}"
         study = optuna.load_study(study_name=cfg["study"], storage=storage)
         fixed = {k: v for k, v in cfg["search_space"].items() if not isinstance(v, dict)}
+        front = {t.number for t in study.best_trials} if len(study.directions) > 1 else set()
         for t in study.trials:
             a = t.user_attrs
             p = {**fixed, **t.params}
             label = (f"harness, packing {p.get('packing')}, batching {p.get('batching', 'random')}, "
                      + (f"≤{p['max_tokens_per_batch']} tokens/micro-batch" if p.get("max_tokens_per_batch")
-                        else f"batch {p.get('batch_size')}") + f" × accum {p.get('grad_accum')}")
-            rows.append([label, t.state.name.lower(), a.get("tokens_trained"), a.get("steps"), a.get("tokens_per_s"),
+                        else f"batch {p.get('batch_size')}") + f" × accum {p.get('grad_accum')}"
+                     + (f", lr {p['learning_rate']:.2g}" if "learning_rate" in t.params else "")
+                     + (" (enqueued: the Unsloth default)" if a.get("enqueued") else "")
+                     + (" **front**" if t.number in front else ""))
+            tps = a.get("tokens_per_s")
+            rows.append([label, t.state.name.lower(), a.get("tokens_trained"), a.get("steps"), tps,
+                         round(tps / base, 2) if tps and base else None,
                          a.get("padded_tokens_per_s"), a.get("padding_fraction"), a.get("peak_mem_mib"),
                          a.get("val_loss"), a.get("train_s"), a.get("fixed_s")])
-    if sft_json and sft_json.exists():
-        s = json.loads(sft_json.read_text())
+    if sft_run:
+        s = sft_run
         rows.append([f"Unsloth SFTTrainer (defaults; padding_free resolved to {s['resolved_args'].get('padding_free')}, "
                      f"{s['micro_batches_with_packed_seq_lengths']}/{s['micro_batches']} micro-batches packed)",
                      "complete" if "val_loss" in s else "no val_loss", s["tokens_trained"], s["steps"], s["tokens_per_s"],
-                     None, s["padding_fraction"], s["peak_mem_mib"], s.get("val_loss"), s["train_s"],
+                     1.0, None, s["padding_fraction"], s["peak_mem_mib"], s.get("val_loss"), s["train_s"],
                      round(s["import_s"] + s["load_s"] + s["init_s"], 1)])
-    head = ["run", "state", "tokens trained", "steps", "tokens/s (non-padding)", "tokens/s (with padding)",
-            "padding fraction", "peak reserved MiB", "val_loss", "train s", "fixed s"]
+    head = ["run", "state", "tokens trained", "steps", "tokens/s (non-padding)", "× SFT trainer",
+            "tokens/s (with padding)", "padding fraction", "peak reserved MiB", "val_loss", "train s", "fixed s"]
 
     def cell(v):
         return "" if v is None else f"{v:,.4f}" if isinstance(v, float) and abs(v) < 20 else \
@@ -208,6 +234,7 @@ def main() -> None:
     a.add_argument("study_dir", type=Path)
     a.add_argument("--out", type=Path, required=True)
     a.add_argument("--device", default="cuda")
+    a.add_argument("--trial", type=int, help="train that trial's config (default: the study's fixed values)")
     b = sub.add_parser("table")
     b.add_argument("study_dirs", type=Path, nargs="+")
     b.add_argument("--sft", type=Path)
@@ -215,7 +242,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.cmd == "sft":
         os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
-        sft(args.study_dir, args.out, args.device)
+        sft(args.study_dir, args.out, args.device, args.trial)
     else:
         table(args.study_dirs, args.sft, args.out)
 
