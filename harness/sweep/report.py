@@ -43,6 +43,7 @@ def _dtype(annotation) -> pl.DataType:
 
 COLUMNS: dict[str, pl.DataType] = {
     "number": pl.Int64, "state": pl.Utf8, "feasible": pl.Boolean, "duration_s": pl.Float64,
+    "enqueued": pl.Boolean,  # a config the sweep file queued first (a baseline), not a sampled one
     **{name: _dtype(t) for name, t in RECORD_TYPES.items()},
     **{name: _dtype(t) for name, t in METRIC_TYPES.items()},
 }
@@ -62,7 +63,7 @@ def trials_frame(study: optuna.Study) -> pl.DataFrame:
     rows = []
     for t in trials:
         row: dict[str, Any] = {name: t.user_attrs.get(name) for name in COLUMNS}
-        row.update(number=t.number, state=t.state.name, feasible=feasible(t),
+        row.update(number=t.number, state=t.state.name, feasible=feasible(t), enqueued=bool(t.user_attrs.get("enqueued")),
                    duration_s=t.duration.total_seconds() if t.duration else None, sweep_efficiency=efficiency)
         if t.number in retried and not row["outcome"]:
             row["outcome"] = "stale_retried"  # its driver died; a retry ran its parameters
