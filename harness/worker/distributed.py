@@ -4,6 +4,7 @@ control channel of a warm group of them (:class:`Group`)."""
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -101,8 +102,8 @@ FAILED_WAIT = timedelta(seconds=120)
 
 class Group:
     """A warm group's control channel (``harness.worker.trial --warm`` under torchrun): rank 0
-    :meth:`share`\ s what the driver sends; after each trial the ranks :meth:`agree` whether the
-    group goes on.
+    shares what the driver sends (:meth:`share`); after each trial the ranks :meth:`agree`
+    whether the group goes on.
 
     Joins the training process group for good (a warm group's trials all use it), and opens a
     Gloo group of its own beside it for control: it carries Python objects without a GPU, and a
@@ -131,12 +132,28 @@ class Group:
     def agree(self, retire: str | None, failed: bool) -> str | None:
         """Once every rank has ended its trial: a reason for the group to retire, if any rank has
         one (one rank's failure retires them all); else None. Raises when the others do not all
-        arrive, within :data:`FAILED_WAIT` if this rank's trial ``failed``."""
+        arrive, within :data:`FAILED_WAIT` if this rank's trial ``failed``.
+
+        The exchange runs in a thread that a failed rank stops waiting for: Gloo bounds a wait
+        by its group's timeout alone (``monitored_barrier``'s own applies on rank 0 only)."""
         import torch.distributed as dist
 
-        dist.monitored_barrier(group=self._control, timeout=FAILED_WAIT if failed else IDLE_TIMEOUT)
-        reasons = [None] * self.dist.world
-        dist.all_gather_object(reasons, retire, group=self._control)
+        reasons: list = [None] * self.dist.world
+        errors: list[BaseException] = []
+
+        def exchange() -> None:
+            try:
+                dist.all_gather_object(reasons, retire, group=self._control)
+            except BaseException as err:  # noqa: BLE001 - re-raised by the caller's thread
+                errors.append(err)
+
+        thread = threading.Thread(target=exchange, name="group-agree", daemon=True)
+        thread.start()
+        thread.join(FAILED_WAIT.total_seconds() if failed else None)
+        if thread.is_alive():
+            raise TimeoutError(f"the other ranks did not end the trial within {FAILED_WAIT.total_seconds():g} s")
+        if errors:
+            raise errors[0]
         return next((r for r in reasons if r), None)
 
     def close(self) -> None:
