@@ -171,3 +171,42 @@ def test_a_warm_group_matches_torchrun_per_trial_and_a_failure_retires_it(tmp_pa
     # Groups that ended cleanly removed their own logs; only the killed group's remains.
     assert len(list((tmp_path / "r" / "group" / "trials").glob("worker-*.log"))) == 1
     assert not list((tmp_path / "r" / "group" / "trials").glob("worker-*.reply"))
+
+
+AGREE = r"""
+import os, time
+from datetime import timedelta
+import torch, torch.distributed as dist
+from harness.worker import distributed as D
+
+D.FAILED_WAIT = timedelta(seconds=3)  # 2 minutes in a study
+group = D.Group("cpu")
+rank = group.dist.rank
+assert group.share("7 1.0 fifo log" if rank == 0 else None) == "7 1.0 fifo log"
+assert group.agree(None, failed=False) is None
+assert group.agree("leaked" if rank == 1 else None, failed=False) == "leaked", "one rank's reason retires all"
+if rank == 1:  # its trial failed outside any collective...
+    t0 = time.monotonic()
+    try:
+        group.agree("trial 7 ended oom", failed=True)
+    except TimeoutError:
+        print(f"rank 1 stopped waiting after {time.monotonic() - t0:.0f} s", flush=True)
+        os._exit(1)
+else:  # ...while rank 0 waits in the training collective that rank left
+    try:
+        dist.all_reduce(torch.zeros(1))
+    except Exception:
+        print("rank 0 freed by rank 1's exit", flush=True)
+        os._exit(1)
+"""
+
+
+def test_a_failed_rank_stops_waiting_for_a_stuck_one_and_its_exit_frees_it(tmp_path):
+    # A failure on one rank only (an out-of-memory error, say) leaves the others in a collective it
+    # never joins: the failed rank waits a bounded time to agree, then exits, and torchrun ends the group.
+    (tmp_path / "agree.py").write_text(AGREE)
+    proc = subprocess.run([sys.executable, "-m", "harness.worker.group", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "agree.py")], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert "rank 1 stopped waiting after 3 s" in out and "rank 0 freed by rank 1's exit" in out, out[-3000:]
