@@ -88,8 +88,6 @@ def init_distributed(device: str) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size())
 
 
-
-
 # A warm group waits between trials for as long as the driver takes to name the next one (the
 # study's preparation, other workers' trials): no deadline that a quiet study would reach.
 IDLE_TIMEOUT = timedelta(days=30)
