@@ -9,11 +9,13 @@ hang watchdog and return a :class:`~harness.records.TrialResult` (``base``):
   each trial is a fresh fork of it.
 - **warm** (default on GPU hosts): each slot keeps one worker process that runs trial after
   trial with the base model loaded and compiled kernels kept; a fresh adapter, optimizer and data
-  order per trial; the worker is replaced after any failure (``warm``).
+  order per trial; the worker is replaced after any failure (``warm``). A trial over several
+  GPUs gets a warm group: one torchrun of a process per GPU, kept up between trials.
 - **standby**: each slot keeps a spawned trial process, imports done, waiting for its trial
   (CUDA, once initialised, cannot be forked).
 - **spawn**: ``python -m harness.worker.trial``, which imports for itself.
-- **torchrun**: one trial over ``gpus_per_trial`` GPUs, a process per GPU.
+- **torchrun**: one trial over ``gpus_per_trial`` GPUs, a process per GPU, started for that trial
+  (every start method but warm).
 
 Torch-free: the driver imports it.
 """
@@ -49,13 +51,13 @@ def default_start_method(device: str) -> str:
 
 def make_launcher(start_method: str, study_dir: Path, storage_url: str, slot_env: dict[str, dict[str, str]],
                   hang_timeout_s: float | None, gpus_per_trial: int = 1, worker_max_trials: int = 50) -> Launcher:
-    """The launcher for ``start_method`` (``auto`` resolved by the caller); trials spanning several
-    GPUs always use torchrun."""
+    """The launcher for ``start_method`` (``auto`` resolved by the caller). Trials spanning several
+    GPUs run under torchrun: kept up between trials (a warm group) with ``warm``, else one per trial."""
     args = (study_dir, storage_url, slot_env, hang_timeout_s)
+    if start_method == "warm":
+        return WarmLauncher(*args, max_trials=worker_max_trials, nproc=gpus_per_trial)
     if gpus_per_trial > 1:
         return TorchrunLauncher(*args, nproc=gpus_per_trial)
-    if start_method == "warm":
-        return WarmLauncher(*args, max_trials=worker_max_trials)
     kinds = {"fork": ForkLauncher, "standby": StandbyLauncher, "spawn": SpawnLauncher}
     return kinds[start_method](*args)
 

@@ -34,6 +34,12 @@ def trial_command(study_dir: Path, number: int) -> list[str]:
     return ["-m", "harness.worker.trial", str(study_dir), str(number)]
 
 
+def torchrun_command(nproc: int, command: list[str]) -> list[str]:
+    """``command`` (Python's arguments) in ``nproc`` processes under torchrun, whose agent dies
+    with the driver (``harness.worker.group``), taking its ranks with it."""
+    return ["-m", "harness.worker.group", "--standalone", f"--nproc_per_node={nproc}", *command]
+
+
 class SpawnLauncher(Launcher):
     name = "spawn"
 
@@ -53,7 +59,6 @@ class TorchrunLauncher(Launcher):
         self.nproc = nproc
 
     def _start(self, number: int, slot: str, env: dict[str, str], log: Path) -> Popened:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}",
-               *trial_command(self.study_dir, number)]
+        cmd = [sys.executable, *torchrun_command(self.nproc, trial_command(self.study_dir, number))]
         with log.open("w") as out:
             return Popened(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env))

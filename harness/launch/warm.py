@@ -9,12 +9,17 @@ counters, and writes its own log and record. A worker is replaced, not reused, a
 weights changed or memory was not given back, and after ``worker_max_trials`` trials; a killed
 trial (a hang, Ctrl-C) takes its worker with it. The slot's next worker starts at once, so it
 imports while the driver records the trial that ended.
+
+With ``gpus_per_trial`` > 1 a slot's worker is a **warm group**: one torchrun of ``gpus_per_trial``
+processes kept up between trials. Rank 0 reads the trial numbers and answers; it shares each with
+the other ranks (:class:`harness.worker.distributed.Group`), and the group retires as one.
 """
 
 from __future__ import annotations
 
 import os
 import select
+import stat
 import subprocess
 import sys
 import time
@@ -22,30 +27,37 @@ from pathlib import Path
 
 from harness.launch.base import Launcher, child_env
 from harness.launch.progress import PATH_ENV
+from harness.launch.spawn import torchrun_command
 
-REPLY_FD_ENV = "HARNESS_WARM_REPLY_FD"
+REPLY_ENV = "HARNESS_WARM_REPLY"
 # Outcomes after which a worker takes the slot's next trial (as harness.worker.trial decides too).
 KEEP_WORKER_AFTER = frozenset({"complete", "pruned", "not_converged", "over_budget"})
 MAX_TRIALS_ENV = "HARNESS_WORKER_MAX_TRIALS"
 
 
 class WarmWorker:
-    """One worker process and its reply pipe. Until it takes a trial, and between trials, its
-    output goes to a log of its own under ``trials/`` (removed when it ends cleanly)."""
+    """One worker process (or, with ``nproc`` > 1, a torchrun group of them) and its reply pipe.
+    Until it takes a trial, and between trials, its output goes to a log of its own under
+    ``trials/`` (removed when it ends cleanly)."""
 
-    def __init__(self, study_dir: Path, env: dict[str, str], max_trials: int):
+    def __init__(self, study_dir: Path, env: dict[str, str], max_trials: int, nproc: int = 1):
         trials = study_dir / "trials"
         trials.mkdir(parents=True, exist_ok=True)
         self.log = trials / f"worker-{os.getpid()}-{time.monotonic_ns()}.log"
-        read_end, write_end = os.pipe()
-        env = {**env, REPLY_FD_ENV: str(write_end), MAX_TRIALS_ENV: str(max_trials)}
+        # A named pipe, not an inherited descriptor: torchrun closes a rank's inherited descriptors
+        # (all but stdin, stdout and stderr). Rank 0 opens it by name. Holding a write end here too
+        # means the read end never sees end-of-file; a dead worker is found by its exit instead.
+        self._reply_path = self.log.with_suffix(".reply")
+        os.mkfifo(self._reply_path, stat.S_IRUSR | stat.S_IWUSR)
+        self._replies: int | None = os.open(self._reply_path, os.O_RDONLY | os.O_NONBLOCK)
+        self._keep_open: int | None = os.open(self._reply_path, os.O_WRONLY)
+        env = {**env, REPLY_ENV: str(self._reply_path), MAX_TRIALS_ENV: str(max_trials)}
+        command = ["-m", "harness.worker.trial", "--warm", str(study_dir)]
+        if nproc > 1:
+            command = torchrun_command(nproc, command)
         with self.log.open("w") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "harness.worker.trial", "--warm", str(study_dir)], stdin=subprocess.PIPE,
-                stdout=out, stderr=subprocess.STDOUT, env=env, pass_fds=(write_end,),
-            )
-        os.close(write_end)
-        self._replies = read_end
+            self.proc = subprocess.Popen([sys.executable, *command], stdin=subprocess.PIPE, stdout=out,
+                                         stderr=subprocess.STDOUT, env=env)
         self._buffer = b""
         self.retiring = False  # it said it takes no more trials
 
@@ -71,13 +83,12 @@ class WarmWorker:
     def reply(self, timeout: float = 0.0) -> tuple[int, int, bool] | None:
         """(number, exit code, retiring) once the worker has answered its trial; else None."""
         while b"\n" not in self._buffer:
+            if self._replies is None:
+                return None  # closed (Ctrl-C ends the study while a slot's thread still watches)
             ready, _, _ = select.select([self._replies], [], [], timeout)
             if not ready:
                 return None
-            chunk = os.read(self._replies, 4096)
-            if not chunk:
-                return None  # the worker ended without answering
-            self._buffer += chunk
+            self._buffer += os.read(self._replies, 4096)
         line, self._buffer = self._buffer.split(b"\n", 1)
         number, code, keep = line.decode().split()
         return int(number), int(code), keep == "retire"
@@ -98,9 +109,11 @@ class WarmWorker:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.kill()
-        if self._replies is not None:
-            os.close(self._replies)
-            self._replies = None
+        self._reply_path.unlink(missing_ok=True)
+        for fd in (self._replies, self._keep_open):
+            if fd is not None:
+                os.close(fd)
+        self._replies = self._keep_open = None
         if self.proc.returncode == 0:
             self.log.unlink(missing_ok=True)
 
@@ -144,9 +157,9 @@ class WarmTrial:
 class WarmLauncher(Launcher):
     name = "warm"
 
-    def __init__(self, *args, max_trials: int = 50, **kwargs):
+    def __init__(self, *args, max_trials: int = 50, nproc: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
-        self.max_trials = max_trials
+        self.max_trials, self.nproc = max_trials, nproc
         self._workers: dict[str, WarmWorker] = {}  # each slot's thread touches only its own key
         self._prepared = False
 
@@ -159,7 +172,8 @@ class WarmLauncher(Launcher):
     def prefetch(self, slot: str) -> None:
         worker = self._workers.get(slot)
         if worker is None or not worker.alive():
-            worker = WarmWorker(self.study_dir, child_env(self.storage_url, self.slot_env.get(slot, {})), self.max_trials)
+            worker = WarmWorker(self.study_dir, child_env(self.storage_url, self.slot_env.get(slot, {})),
+                                self.max_trials, self.nproc)
             self._workers[slot] = worker
             if self._prepared:  # a replacement, mid-study: it loads the base as soon as it has imported
                 worker.preload()

@@ -1,9 +1,12 @@
-"""A trial spread over several processes (``gpus_per_trial`` > 1, started by torchrun)."""
+"""A trial spread over several processes (``gpus_per_trial`` > 1, started by torchrun), and the
+control channel of a warm group of them (:class:`Group`)."""
 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -69,11 +72,15 @@ def _collective_device() -> str:
 
 
 def init_distributed(device: str) -> Dist:
-    """Join the process group torchrun set up (NCCL on GPUs, Gloo on CPU); a no-op alone."""
+    """Join the process group torchrun set up (NCCL on GPUs, Gloo on CPU); a no-op alone, and
+    once joined (a warm group's later trials)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist()
     import torch.distributed as dist
+
+    if dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size())
 
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -81,3 +88,73 @@ def init_distributed(device: str) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size())
 
 
+# A warm group waits between trials for as long as the driver takes to name the next one (the
+# study's preparation, other workers' trials): no deadline that a quiet study would reach.
+IDLE_TIMEOUT = timedelta(days=30)
+# How long a rank whose trial failed waits for the others to end theirs. A failure on one rank
+# can leave the others blocked in a collective it will never join; only its exit frees them
+# (torchrun then ends the group). Long enough for rank 0 to finish a failed trial's W&B run and
+# write its record, which the group's end would otherwise cut short.
+FAILED_WAIT = timedelta(seconds=120)
+
+
+class Group:
+    """A warm group's control channel (``harness.worker.trial --warm`` under torchrun): rank 0
+    shares what the driver sends (:meth:`share`); after each trial the ranks :meth:`agree`
+    whether the group goes on.
+
+    Joins the training process group for good (a warm group's trials all use it), and opens a
+    Gloo group of its own beside it for control: it carries Python objects without a GPU, and a
+    rank may wait in it for hours between trials, where NCCL's watchdog ends a collective that
+    waits 10 minutes.
+    """
+
+    def __init__(self, device: str):
+        import torch.distributed as dist
+
+        self.dist = init_distributed(device)
+        self._control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+
+    @property
+    def lead(self) -> bool:
+        return self.dist.rank == 0
+
+    def share(self, message):
+        """Rank 0's ``message``, on every rank."""
+        import torch.distributed as dist
+
+        box = [message]
+        dist.broadcast_object_list(box, src=0, group=self._control)
+        return box[0]
+
+    def agree(self, retire: str | None, failed: bool) -> str | None:
+        """Once every rank has ended its trial: a reason for the group to retire, if any rank has
+        one (one rank's failure retires them all); else None. Raises when the others do not all
+        arrive, within :data:`FAILED_WAIT` if this rank's trial ``failed``.
+
+        The exchange runs in a thread that a failed rank stops waiting for: Gloo bounds a wait
+        by its group's timeout alone (``monitored_barrier``'s own applies on rank 0 only)."""
+        import torch.distributed as dist
+
+        reasons: list = [None] * self.dist.world
+        errors: list[BaseException] = []
+
+        def exchange() -> None:
+            try:
+                dist.all_gather_object(reasons, retire, group=self._control)
+            except BaseException as err:  # noqa: BLE001 - re-raised by the caller's thread
+                errors.append(err)
+
+        thread = threading.Thread(target=exchange, name="group-agree", daemon=True)
+        thread.start()
+        thread.join(FAILED_WAIT.total_seconds() if failed else None)
+        if thread.is_alive():
+            raise TimeoutError(f"the other ranks did not end the trial within {FAILED_WAIT.total_seconds():g} s")
+        if errors:
+            raise errors[0]
+        return next((r for r in reasons if r), None)
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()

@@ -15,8 +15,10 @@ trial: it imports the training stack, then reads its trial's number from stdin
 
 ``python -m harness.worker.trial --warm STUDY_DIR`` is a warm trial worker (``harness.launch.warm``):
 it runs one trial after another, each named on stdin, keeping the loaded base model and what was
-compiled between them (:class:`harness.worker.warm.WarmBase`); it answers each trial on the file
-descriptor in ``HARNESS_WARM_REPLY_FD`` and ends when it should not be reused (:class:`Worker`).
+compiled between them (:class:`harness.worker.warm.WarmBase`); it answers each trial on the named
+pipe in ``HARNESS_WARM_REPLY`` and ends when it should not be reused (:class:`Worker`). Under
+torchrun it is one rank of a warm group: rank 0 reads and answers, every rank trains
+(:class:`harness.worker.distributed.Group`).
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class Worker:
         self.max_trials = max_trials
         self.trials = 0
         self.retire: str | None = None
+        self.trial_failed = False  # its latest trial ended in a failure (as the launcher counts one)
 
     def drop_base(self, device: str) -> None:
         from harness.worker.metrics import release_cached_memory
@@ -461,7 +464,7 @@ def execute(study_dir: Path, number: int, progress: Send, started_at: float, pre
         _after_trial(worker, record)
     if rank == 0:
         write_text_atomic(result_file, record.to_json())
-    if "torch.distributed" in sys.modules:
+    if worker is None and "torch.distributed" in sys.modules:  # a warm group keeps its process group
         import torch.distributed
 
         if torch.distributed.is_initialized():
@@ -476,7 +479,8 @@ def _after_trial(worker: Worker, record: TrialResult) -> None:
     from harness.launch.warm import KEEP_WORKER_AFTER
     from harness.worker.warm import BaseChanged
 
-    if record.outcome not in KEEP_WORKER_AFTER:
+    worker.trial_failed = record.outcome not in KEEP_WORKER_AFTER
+    if worker.trial_failed:
         worker.retire = worker.retire or f"trial {record.number} ended {record.outcome}"
     if worker.base is not None:
         try:
@@ -523,20 +527,30 @@ def warm_worker(study_dir: Path) -> int:
 
     A ``preload`` line loads the study's base before the first trial (:func:`_preload`).
     Each trial's output goes to its own log (file descriptors 1 and 2 point there while it runs);
-    its answer, ``NUMBER EXIT_CODE keep|retire``, goes to the reply descriptor before the progress
+    its answer, ``NUMBER EXIT_CODE keep|retire``, goes to the reply pipe before the progress
     channel closes, so the driver learns the trial ended as soon as its last event arrives.
+
+    In a warm group (under torchrun) every rank runs this loop: rank 0 reads each line and shares
+    it, every rank runs the trial, and the group retires as one, after a failure on any rank. A
+    group that cannot agree (a rank died, or is stuck in a collective a failed rank left) ends
+    with a non-zero exit, so torchrun ends its other ranks.
     """
     die_with_parent()
     t0 = time.perf_counter()
     import_training_stack()
     preimport_s = time.perf_counter() - t0
-    reply = os.fdopen(int(os.environ["HARNESS_WARM_REPLY_FD"]), "w", buffering=1)
+    group = _join_group(study_dir) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    lead = group is None or group.lead
+    reply = open(os.environ["HARNESS_WARM_REPLY"], "w", buffering=1) if lead else None  # noqa: SIM115
     worker = Worker(int(os.environ.get("HARNESS_WORKER_MAX_TRIALS", "50")))
     own_out, own_err = os.dup(1), os.dup(2)
+    broken = False
     while worker.retire is None:
-        words = sys.stdin.readline().split()
+        words = sys.stdin.readline().split() if lead else None
+        if group is not None:
+            words = group.share(words)
         if not words:
-            return 0  # closed: the study needs no more trials
+            break  # closed: the study needs no more trials
         if words[0] == "preload":
             _preload(worker, study_dir)
             continue
@@ -547,10 +561,16 @@ def warm_worker(study_dir: Path) -> int:
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
-        progress = ProgressWriter(channel)
+        progress = ProgressWriter(channel if lead else None)
         try:
             code = execute(study_dir, number, progress, started_at, preimport_s if worker.trials == 0 else None,
                            worker)
+            if group is not None:
+                try:
+                    worker.retire = group.agree(worker.retire, failed=worker.trial_failed)
+                except Exception as err:  # noqa: BLE001 - whatever broke, the group cannot go on
+                    traceback.print_exc()
+                    worker.retire, broken = f"the group broke after trial {number}: {err}", True
             if worker.retire:
                 print(f"[harness] this worker takes no more trials: {worker.retire}", flush=True)
         finally:
@@ -558,10 +578,26 @@ def warm_worker(study_dir: Path) -> int:
             sys.stderr.flush()
             os.dup2(own_out, 1)
             os.dup2(own_err, 2)
-        reply.write(f"{number} {code} {'retire' if worker.retire else 'keep'}\n")
-        progress("end")
-        progress.close()
+        if lead:
+            reply.write(f"{number} {code} {'retire' if worker.retire else 'keep'}\n")
+            progress("end")
+            progress.close()
+    if broken:
+        # At once: tearing down a process group that a dead or stuck rank belongs to can block.
+        os._exit(1)
+    if group is not None:
+        group.close()
     return 0
+
+
+def _join_group(study_dir: Path):
+    """This rank's place in its warm group, on the study's device (NCCL on GPUs, Gloo on CPU)."""
+    from harness.sweep.config import SweepConfig
+    from harness.worker import loop as T
+    from harness.worker.distributed import Group
+
+    cfg = SweepConfig.model_validate_json((study_dir / "sweep.json").read_text())
+    return Group(T.resolve_device(cfg.device))
 
 
 def standby(study_dir: Path) -> int:
