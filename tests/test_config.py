@@ -56,6 +56,8 @@ BAD = [
     ("enqueue an unknown key", with_(enqueue=[{"learning_rate": 1e-3, "lr": 1}]), "enqueue.0.lr: not a search_space dimension"),
     ("enqueue off the choices", with_(search_space__batch_size={"choices": [2, 4]}, enqueue=[{"batch_size": 8}]),
      "enqueue.0.batch_size: 8 is not one of the choices [2, 4]"),
+    ("enqueue more than n_trials", with_(n_trials=1, enqueue=[{"lora_r": 8}, {"lora_r": 16}]),
+     "enqueue: 2 configs, more than n_trials (1)"),
     ("enqueue out of range", with_(enqueue=[{"learning_rate": 2e-4}, {"learning_rate": 1.0}]),
      "enqueue.1.learning_rate: 1.0 is outside the range"),
 ]

@@ -3,6 +3,7 @@ worker runs trial after trial with the base kept; each trial's numbers equal tho
 its own process; a failure replaces the worker; nothing of one trial reaches the next."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -58,9 +59,12 @@ def test_warm_workers_match_separate_processes_and_a_failure_replaces_the_worker
     assert all(attrs[n]["base_reused"] is True for n in (0, 1, 4, 5))
     assert len({attrs[0]["pid"], attrs[3]["pid"], attrs[4]["pid"]}) == 3
     assert attrs[4]["worker_trial"] == 1 and attrs[5]["worker_trial"] == 2 and attrs[5]["pid"] == attrs[4]["pid"]
-    assert attrs[1]["fixed_s"] < attrs[0]["fixed_s"], "the first trial waits for the worker's import; the next not"
+    assert attrs[0].get("preimport_s", 0) > 0 and attrs[1].get("preimport_s") is None, "a worker imports once"
     log = (tmp_path / "r" / "warm" / "trials" / "2" / "log.txt").read_text()
     assert "takes no more trials" in log and "nonfinite_loss" in log
+    # Workers that ended cleanly (retired, or closed at the study's end) removed their own logs;
+    # only the killed one's remains.
+    assert len(list((tmp_path / "r" / "warm" / "trials").glob("worker-*.log"))) == 1
     for pid in {a["pid"] for a in attrs.values() if "pid" in a}:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
@@ -165,7 +169,7 @@ def test_a_warm_group_matches_torchrun_per_trial_and_a_failure_retires_it(tmp_pa
     assert attrs[3]["pid"] == attrs[4]["pid"] and [attrs[n]["worker_trial"] for n in (3, 4)] == [1, 2]
     assert attrs[3]["pid"] != attrs[0]["pid"]
     assert all(attrs[n]["base_reused"] is True for n in (0, 3, 4))
-    assert attrs[4]["fixed_s"] < attrs[3]["fixed_s"], "a group's first trial waits for its import; the next not"
+    assert attrs[3].get("preimport_s", 0) > 0 and attrs[4].get("preimport_s") is None, "a group imports once, before its first trial"
     log = (tmp_path / "r" / "group" / "trials" / "1" / "log.txt").read_text()
     assert log.count("takes no more trials: trial 1 ended nonfinite_loss") == 2, "both ranks retired"
     # Groups that ended cleanly removed their own logs; only the killed group's remains.
@@ -209,4 +213,5 @@ def test_a_failed_rank_stops_waiting_for_a_stuck_one_and_its_exit_frees_it(tmp_p
                            str(tmp_path / "agree.py")], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
                           capture_output=True, text=True, timeout=120)
     out = proc.stdout + proc.stderr
-    assert "rank 1 stopped waiting after 3 s" in out and "rank 0 freed by rank 1's exit" in out, out[-3000:]
+    waited = re.search(r"rank 1 stopped waiting after (\d+) s", out)
+    assert waited and int(waited.group(1)) >= 3 and "rank 0 freed by rank 1's exit" in out, out[-3000:]

@@ -397,6 +397,8 @@ class SweepConfig(_Strict):
     @model_validator(mode="after")
     def _enqueued_in_space(self) -> "SweepConfig":
         searched, fixed = self.search_space.searched(), self.search_space.fixed()
+        if len(self.enqueue) > self.n_trials:
+            raise ValueError(f"enqueue: {len(self.enqueue)} configs, more than n_trials ({self.n_trials})")
         for i, config in enumerate(self.enqueue):
             for name, value in config.items():
                 where = f"enqueue.{i}.{name}"

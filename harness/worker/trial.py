@@ -535,7 +535,15 @@ def warm_worker(study_dir: Path) -> int:
     group that cannot agree (a rank died, or is stuck in a collective a failed rank left) ends
     with a non-zero exit, so torchrun ends its other ranks.
     """
-    die_with_parent()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        die_with_parent()  # a rank: its parent is the group's torchrun agent, which dies with the driver
+    else:
+        # Not with the slot's thread that started it (a parent-death signal follows the thread):
+        # that thread ends when its slot runs out of trials, and the driver then closes the
+        # worker itself, cleanly.
+        from harness.worker.group import die_with_driver
+
+        die_with_driver()
     t0 = time.perf_counter()
     import_training_stack()
     preimport_s = time.perf_counter() - t0
