@@ -437,7 +437,8 @@ def execute(study_dir: Path, number: int, progress: Send, started_at: float, pre
     """Run one trial and write its record to ``trials/<n>/result.json``; 0 on success, 1 on a
     failure it caught (the record says which). In a warm ``worker``, also decide whether it may
     take another trial (``worker.retire``)."""
-    die_with_parent()
+    if worker is None:
+        die_with_parent()  # a warm worker has chosen how it dies with the driver (warm_worker)
     print(f"[harness] trial {number}: process {os.getpid()} on {socket.gethostname()}", flush=True)
     result_file = study_dir / "trials" / str(number) / "result.json"
     result_file.parent.mkdir(parents=True, exist_ok=True)
