@@ -14,13 +14,8 @@
 set -u
 START=$SECONDS
 left() { echo $(( 530 - (SECONDS - START) )); }  # seconds left of the call's budget, with a margin
-unset PYTHONDONTWRITEBYTECODE  # the device host sets it: every import would compile unsloth again
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD \
-  || exit 1
-export HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 WANDB_MODE=disabled HARNESS_CACHE=/tmp/hcache \
-  PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+source bench/gpu_env.sh
 LOG="$OUT/run.log"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, trl, peft, datasets; print('torch', torch.__version__, 'transformers',
 transformers.__version__, 'trl', trl.__version__, 'peft', peft.__version__, 'datasets', datasets.__version__)" 2>&1 \
   | tail -1 | tee -a "$OUT/gpu.txt"

@@ -10,13 +10,8 @@
 set -u
 START=$SECONDS
 left() { echo $(( 560 - (SECONDS - START) )); }
-unset PYTHONDONTWRITEBYTECODE
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD \
-  || exit 1
-export HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 WANDB_MODE=disabled HARNESS_CACHE=/tmp/hcache \
-  PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+source bench/gpu_env.sh
 LOG="$OUT/run.log"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 SWEEP_S=${SWEEP_S:-320}  # the sweep's share: no trial starts after it (the running one finishes)
 python3 - "$SWEEP_S" <<'PY'
 import sys, yaml

@@ -8,13 +8,8 @@
 # Outputs in $OUT: gpu.txt, run.log, seeds.md, throughput7b-seeds.db.
 set -u
 START=$SECONDS
-unset PYTHONDONTWRITEBYTECODE
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD \
-  || exit 1
-export HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 WANDB_MODE=disabled HARNESS_CACHE=/tmp/hcache \
-  PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+source bench/gpu_env.sh
 LOG="$OUT/run.log"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 - <<'PY'
 import yaml
 cfg = yaml.safe_load(open("sweeps/throughput7b.yaml"))

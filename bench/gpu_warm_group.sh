@@ -2,15 +2,10 @@
 # Issue 15, warm groups on two GPUs (nvidia-h100-x2), one short call: the same config and seed,
 # gpus_per_trial 2 (torchrun, NCCL), random-init mistral-1b (bf16 LoRA r16, packed scenes, 12
 # steps), three trials in one warm group against one trial as a fresh torchrun (start_method
-# spawn). Outputs in $OUT: gpus.txt, warm.log, spawn.log, table.md.
+# spawn). Outputs in $OUT: gpu.txt, warm.log, spawn.log, table.md.
 set -u
 START=$SECONDS
-unset PYTHONDONTWRITEBYTECODE
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD \
-  || exit 1
-export HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 WANDB_MODE=disabled HARNESS_CACHE=/tmp/hcache \
-  PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpus.txt"
+source bench/gpu_env.sh
 table() {
 python3 - <<'PY' 2>&1 | tee "$OUT/table.md"
 import optuna

@@ -536,7 +536,8 @@ def warm_worker(study_dir: Path) -> int:
     group that cannot agree (a rank died, or is stuck in a collective a failed rank left) ends
     with a non-zero exit, so torchrun ends its other ranks.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    in_group = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if in_group:
         die_with_parent()  # a rank: its parent is the group's torchrun agent, which dies with the driver
     else:
         # Not with the slot's thread that started it (a parent-death signal follows the thread):
@@ -548,7 +549,7 @@ def warm_worker(study_dir: Path) -> int:
     t0 = time.perf_counter()
     import_training_stack()
     preimport_s = time.perf_counter() - t0
-    group = _join_group(study_dir) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    group = _join_group(study_dir) if in_group else None
     lead = group is None or group.lead
     reply = open(os.environ["HARNESS_WARM_REPLY"], "w", buffering=1) if lead else None  # noqa: SIM115
     worker = Worker(int(os.environ.get("HARNESS_WORKER_MAX_TRIALS", "50")))
