@@ -83,10 +83,14 @@ def study_rows(results: Path) -> list[dict]:
         sweep = json.loads((db.parent / "sweep.json").read_text()) if (db.parent / "sweep.json").exists() else {}
         attrs = ("outcome", "start_method", "steps", "fixed_s", "warmup_s", "steady_step_s", "train_steady_s",
                  "train_s", "eval_s", "spawn_s", "import_s", "load_s", "tokens_per_s", "peak_mem_mib", "val_loss",
-                 "worker_trial", "base_reused", "gpu_name")
+                 "worker_trial", "base_reused", "resident_worker", "gpu_name")
+        trained = [t for t in trials if t.user_attrs.get("reached_training")]
+        method = ",".join(sorted({r.get("start_method") or "?" for r in runs})) or sweep.get("start_method")
+        if any(r.get("resident_slots") for r in runs):
+            method += " (resident)"  # slots borrowed workers `harness warm up` started before the run
         out.append({
             "study": name,
-            "start_method": ",".join(sorted({r.get("start_method") or "?" for r in runs})) or sweep.get("start_method"),
+            "start_method": method,
             "steps": (sweep.get("budget") or {}).get("max_steps"),
             "n_trials": sweep.get("n_trials"),
             "runs": runs,
@@ -96,6 +100,7 @@ def study_rows(results: Path) -> list[dict]:
             "wall_gpu_s": e.wall_gpu_s if e else None,
             "trials_per_hour": e.trials_per_hour if e else None,
             "fixed_s_mean": e.fixed_s if e else None, "fixed_s_first": e.first_fixed_s if e else None,
+            "fixed_s_later": _mean([t.user_attrs.get("fixed_s") for t in trained[1:]]),
             "warmup_s_mean": e.warmup_s if e else None, "warmup_s_first": e.first_warmup_s if e else None,
             "steady_step_s_mean": _mean([t.user_attrs.get("steady_step_s") for t in trials]),
             "tokens_per_s_mean": _mean([t.user_attrs.get("tokens_per_s") for t in trials]),
@@ -116,11 +121,11 @@ def _cell(v) -> str:
 
 def markdown(rows: list[dict]) -> str:
     head = ["study", "start method", "steps", "trials trained", "sweep efficiency", "training GPU-s", "wall GPU-s",
-            "fixed_s mean", "fixed_s first", "warmup_s mean", "warmup_s first", "steady step s", "tokens/s",
-            "trials/hour"]
+            "fixed_s mean", "fixed_s first", "fixed_s later", "warmup_s mean", "warmup_s first", "steady step s",
+            "tokens/s", "trials/hour"]
     keys = ["study", "start_method", "steps", None, "sweep_efficiency", "train_gpu_s", "wall_gpu_s", "fixed_s_mean",
-            "fixed_s_first", "warmup_s_mean", "warmup_s_first", "steady_step_s_mean", "tokens_per_s_mean",
-            "trials_per_hour"]
+            "fixed_s_first", "fixed_s_later", "warmup_s_mean", "warmup_s_first", "steady_step_s_mean",
+            "tokens_per_s_mean", "trials_per_hour"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [f"{r['trials_trained']} of {r['n_trials']}" if k is None else
@@ -130,13 +135,16 @@ def markdown(rows: list[dict]) -> str:
     lines.append("sweep efficiency = Σ trials' steps × steady step time (× GPUs per trial) ÷ Σ runs' wall time × GPUs "
                  "(harness/sweep/efficiency.py); fixed_s: the driver starting a trial to its first step; warmup_s: "
                  "its first timing_warmup_steps beyond the steady pace. Mean over the trials that trained; first: "
-                 "the study's first trial.")
+                 "the study's first trial; later: the others. (resident): slots borrowed workers `harness warm up` "
+                 "started before the run, so their import (and a load and compile an earlier study did) is not in "
+                 "its wall time.")
     for r in rows:
-        trial_keys = ["number", "state", "start_method", "steps", "fixed_s", "spawn_s", "import_s", "load_s",
-                      "warmup_s", "steady_step_s", "train_steady_s", "eval_s", "duration_s", "val_loss", "peak_mem_mib"]
+        trial_keys = ["number", "state", "start_method", "resident_worker", "worker_trial", "steps", "fixed_s",
+                      "spawn_s", "import_s", "load_s", "warmup_s", "steady_step_s", "train_steady_s", "eval_s",
+                      "duration_s", "val_loss", "peak_mem_mib"]
         lines += ["", f"{r['study']}: " + "; ".join(
             f"run {i}: {run.get('wall_s')} s wall x {run.get('gpus')} GPU, {run.get('trials')} trials, "
-            f"{run.get('start_method')}" for i, run in enumerate(r["runs"])), "",
+            f"{run.get('start_method')}, {run.get('resident_slots') or 0} resident" for i, run in enumerate(r["runs"])), "",
                   "| " + " | ".join(trial_keys) + " |", "|" + "---|" * len(trial_keys)]
         lines += ["| " + " | ".join(_cell(t.get(k)) for k in trial_keys) + " |" for t in r["trials"]]
     return "\n".join(lines) + "\n"

@@ -1,44 +1,66 @@
 #!/usr/bin/env bash
-# Issue 15: the GPU pool on two GPUs against one, warm workers, warm against warm, in one call
-# (nvidia-h100-x2). A short warm-up study on both GPUs first (the preset built, the data tokenized,
-# unsloth imported, kernels compiled into the on-disk caches), then the same study of TRIALS
-# trials of STEPS steps on GPU 0 alone and on GPUs 0,1 (ORDER: "1 2" or "2 1"). Table from the
-# Optuna storages (bench/efficiency_table.py): trials per hour, sweep efficiency, fixed and warm-up s.
+# Issue 15: the GPU pool on two GPUs against one, warm against warm, in one call (nvidia-h100-x2).
+#
+#   RESIDENT=1 ORDER="1 2 2 1" bash bench/gpu_pool.sh
+#
+# The preset built and the data tokenized; with RESIDENT=1, `harness warm up --gpus 0,1` beside it
+# (a resident warm worker per GPU, kept between the studies). A short warm-up study on both GPUs
+# (each GPU's worker loads the base and compiles; the on-disk compile caches fill), then the same
+# study of TRIALS trials of STEPS steps on GPU 0 alone ("1") and on GPUs 0,1 ("2"), in ORDER; a
+# study that would not end before LIMIT_S (default 570 s) is skipped. Without RESIDENT each study
+# starts its own warm worker per GPU. Table from the Optuna storages (bench/efficiency_table.py):
+# trials per hour, sweep efficiency, fixed and warm-up s.
+# Dry run on CPU: DRY=1 SWEEP=<a CPU sweep> PYTHON=.venv/bin/python OUT=/tmp/pool-out bash bench/gpu_pool.sh
 set -u
 TRIALS=${TRIALS:-8}
 STEPS=${STEPS:-20}
 ORDER=${ORDER:-"1 2"}
+LIMIT_S=${LIMIT_S:-570}
 SWEEP=${SWEEP:-sweeps/mistral7b-packed.yaml}
 PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/pool-out}
 RES=/tmp/pool-results
-mkdir -p "$OUT"; rm -rf "$RES"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | grep -v "already exists"
-  export PYTHONPATH=/tmp/site:$PWD
+LOGS=/tmp/pool-logs   # each study's log, and the workers': one logs.tar.gz (the device returns 8 files)
+mkdir -p "$OUT"; rm -rf "$RES" "$LOGS" /tmp/pool-warmup; mkdir -p "$LOGS"
+if [ -z "${DRY:-}" ]; then
+  source bench/gpu_env.sh
+  UP_GPUS="--gpus 0,1"
+else
+  export HARNESS_CACHE=${HARNESS_CACHE:-/tmp/pool-cache} WANDB_MODE=disabled PYTHONUNBUFFERED=1
+  UP_GPUS=""
 fi
-export HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false \
-  HARNESS_CACHE=${HARNESS_CACHE:-/tmp/hcache} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-timeout 200 "$PY" bench/efficiency_table.py prepare "$SWEEP"
-"$PY" bench/efficiency_table.py sweep "$SWEEP" /tmp/pool-warmup.yaml --study pool-warmup --trials 2 --steps 5 --start-method warm
-timeout 150 "$PY" bench/efficiency_table.py run run /tmp/pool-warmup.yaml --results-dir /tmp/pool-warmup --gpus 0,1 > "$OUT/warmup.log" 2>&1
-echo "warm-up done after ${SECONDS}s (rc $?)" | tee "$OUT/runs.txt"
+export PYTHONPATH=${PYTHONPATH:-$PWD}
+trap '"$PY" -m harness.cli warm down >/dev/null 2>&1' EXIT
+
+timeout 200 "$PY" bench/efficiency_table.py prepare "$SWEEP" > "$LOGS/prepare.txt" 2>&1 &
+prep=$!
+if [ -n "${RESIDENT:-}" ]; then
+  "$PY" -m harness.cli warm up $UP_GPUS --timeout 200 2>&1 | tee "$OUT/runs.txt"
+fi
+wait $prep
+"$PY" bench/efficiency_table.py sweep "$SWEEP" /tmp/pool-warmup.yaml --study pool-warmup --trials 4 --steps 5 --start-method warm
+timeout 200 "$PY" bench/efficiency_table.py run run /tmp/pool-warmup.yaml --results-dir /tmp/pool-warmup --gpus 0,1 > "$LOGS/warmup.log" 2>&1
+echo "warm-up done after ${SECONDS}s (rc $?)" | tee -a "$OUT/runs.txt"
+i=0
 for n in $ORDER; do
+  i=$((i + 1))
   gpus=$([ "$n" = 1 ] && echo 0 || echo 0,1)
-  "$PY" bench/efficiency_table.py sweep "$SWEEP" /tmp/pool-$n.yaml --study pool-${n}gpu --trials "$TRIALS" --steps "$STEPS" --start-method warm
+  # ~0.75 s a step on an H100 and ~2.5 s more per trial (bench/RESULTS.md), the trials shared by n GPUs.
+  expected=$(( TRIALS * (STEPS * 4 / 5 + 3) / n + 10 ))
+  name="pool-${n}gpu-$i"
+  if [ $(( SECONDS + expected )) -gt "$LIMIT_S" ]; then
+    echo "$name: skipped (${SECONDS}s gone, ~${expected}s needed)" | tee -a "$OUT/runs.txt"
+    continue
+  fi
+  "$PY" bench/efficiency_table.py sweep "$SWEEP" "/tmp/$name.yaml" --study "$name" --trials "$TRIALS" --steps "$STEPS" --start-method warm
   start=$SECONDS
-  timeout -s INT -k 30 "${SHARE_S:-200}" "$PY" bench/efficiency_table.py run run /tmp/pool-$n.yaml --results-dir "$RES" --gpus "$gpus" > "$OUT/pool-$n.log" 2>&1
-  echo "pool-${n}gpu: rc=$? wall=$((SECONDS - start))s" | tee -a "$OUT/runs.txt"
-  tail -3 "$OUT/pool-$n.log" >> "$OUT/runs.txt"
+  timeout -s INT -k 20 $(( LIMIT_S - SECONDS )) "$PY" bench/efficiency_table.py run run "/tmp/$name.yaml" --results-dir "$RES" --gpus "$gpus" > "$LOGS/$name.log" 2>&1
+  echo "$name: rc=$? wall=$((SECONDS - start))s" | tee -a "$OUT/runs.txt"
+  grep "sweep efficiency" "$LOGS/$name.log" | tail -1 >> "$OUT/runs.txt"
 done
-# Then, on GPU 0 with the machine warm: 5-step trials (what the sweep efficiency is for short trials).
-if [ -n "${FIVE_STEP_TRIALS:-8}" ] && [ $SECONDS -lt 430 ]; then
-  "$PY" bench/efficiency_table.py sweep "$SWEEP" /tmp/pool-5.yaml --study warm-5step --trials "${FIVE_STEP_TRIALS:-8}" --steps 5 --start-method warm
-  start=$SECONDS
-  timeout -s INT -k 20 $(( 530 - SECONDS )) "$PY" bench/efficiency_table.py run run /tmp/pool-5.yaml --results-dir "$RES" --gpus 0 > "$OUT/warm-5step.log" 2>&1
-  echo "warm-5step: rc=$? wall=$((SECONDS - start))s" | tee -a "$OUT/runs.txt"
-fi
+[ -n "${RESIDENT:-}" ] && "$PY" -m harness.cli warm status >> "$OUT/runs.txt" 2>&1
 "$PY" bench/efficiency_table.py table "$RES" --json "$OUT/table.json" | tee "$OUT/table.md"
+cp "$HARNESS_CACHE"/workers/*.log "$LOGS/" 2>/dev/null
+tar czf "$OUT/logs.tar.gz" -C "$LOGS" .
 tar czf "$OUT/studies.tar.gz" -C "$RES" --exclude=best --exclude=weights --exclude=wandb . 2>/dev/null
 echo "done after ${SECONDS}s"

@@ -1,4 +1,5 @@
-"""``harness run SWEEP.yaml``, ``harness report DIR/<study>``, ``harness eval DIR/<study>``.
+"""``harness run SWEEP.yaml``, ``harness report DIR/<study>``, ``harness eval DIR/<study>``,
+``harness warm up`` (resident warm workers) and the rest: ``harness --help``.
 
 Errors a user can fix are printed as one line (``error: ...``) with exit code 2; no stack trace.
 """
@@ -152,6 +153,51 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _cmd_warm(args: argparse.Namespace, console: Console) -> int:
+    """``harness warm up | status | down``: resident warm workers, kept between studies."""
+    from rich.table import Table
+
+    from harness.launch import resident
+    from harness.launch.base import nvidia_visible
+
+    if args.action == "up":
+        if args.max_trials <= 0:
+            raise HarnessError(f"--max-trials must be > 0 (got {args.max_trials})")
+        gpus = resident.parse_gpus(args.gpus, nvidia_visible())
+        started = resident.up(gpus, args.max_trials)
+        states = {s.gpu: s for s in (resident.status(g) for g in gpus)}
+        if args.wait:
+            with console.status("resident workers importing the training stack") as shown:
+                def on_wait(now: list) -> None:
+                    shown.update("resident workers: " + ", ".join(f"{s.gpu} {s.state}" for s in now))
+
+                states = {s.gpu: s for s in resident.wait_ready(gpus, args.timeout, on_wait)}
+        for gpu in gpus:
+            st = states[gpu]
+            what = "started" if gpu in started else "already up"
+            console.print(f"{gpu}: {what}, {st.state}" + (f" (log: {st.log})" if st.log else ""), highlight=False)
+        failed = [g for g in gpus if states[g].state == "down"]
+        if failed:
+            raise HarnessError(f"the resident worker on {', '.join(failed)} did not start: see {resident.log_path(failed[0])}")
+        return 0
+    if args.action == "down":
+        gpus = resident.parse_gpus(args.gpus, nvidia_visible()) if args.gpus else resident.known_gpus()
+        stopped = resident.down(gpus)
+        console.print(f"stopped: {', '.join(stopped)}" if stopped else "no resident worker was up", highlight=False)
+        return 0
+    gpus = resident.known_gpus()
+    if not gpus:
+        console.print("no resident worker (start them with: harness warm up --gpus 0,1)")
+        return 0
+    table = Table("gpu", "state", "worker pid", "studies", "trials", "base loaded", "up s", "log")
+    for st in (resident.status(g) for g in gpus):
+        w = st.worker or {}
+        table.add_row(st.gpu, st.state, str(w.get("pid", "")), str(w.get("studies", "")), str(w.get("trials", "")),
+                      str(w.get("base") or ""), str(w.get("up_s", "")), str(st.log or ""))
+    Console(file=console.file, width=max(console.width, 160)).print(table)
+    return 0
+
+
 def _cmd_predict(args: argparse.Namespace, console: Console) -> int:
     from rich import box
     from rich.table import Table
@@ -234,6 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--samples", type=int, default=8, help="random configs when the space has ranges (default 8)")
     pr.add_argument("--card-mib", type=float, help="mark configs predicted over this much GPU memory")
     pr.set_defaults(func=_cmd_predict)
+    wm = sub.add_parser("warm", help="resident warm workers, kept between studies: warm up | status | down")
+    wm.add_argument("action", choices=["up", "status", "down"])
+    wm.add_argument("--gpus", help="GPUs on this host, e.g. 0,1 (default: 0; on a host without GPUs, one CPU worker; "
+                                   "down: all that are up)")
+    wm.add_argument("--max-trials", type=int, default=200,
+                    help="a worker is replaced by a fresh one after this many trials (default 200)")
+    wm.add_argument("--no-wait", dest="wait", action="store_false", help="up: return without waiting for the imports")
+    wm.add_argument("--timeout", type=float, default=300, help="up: how long to wait for the imports (default 300 s)")
+    wm.set_defaults(func=_cmd_warm)
     return parser
 
 

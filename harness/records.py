@@ -85,6 +85,7 @@ class Metrics:
     preimport_s: float | None = None
     worker_trial: int | None = None  # warm workers: this trial's number within its worker (1: its first)
     base_reused: bool | None = None  # warm workers: the base was already loaded by an earlier trial
+    resident_worker: bool | None = None  # run by a worker that `harness warm up` started, kept between studies
     # Steady pace and warm-up (worker/step.step_timing), from the first seed's run. Speed is known
     # once steps settle; what the first steps cost beyond that pace is paid again by every trial.
     steady_step_s: float | None = None  # median optimizer step after budget.timing_warmup_steps

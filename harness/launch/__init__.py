@@ -10,7 +10,9 @@ hang watchdog and return a :class:`~harness.records.TrialResult` (``base``):
 - **warm** (default on GPU hosts): each slot keeps one worker process that runs trial after
   trial with the base model loaded and compiled kernels kept; a fresh adapter, optimizer and data
   order per trial; the worker is replaced after any failure (``warm``). A trial over several
-  GPUs gets a warm group: one torchrun of a process per GPU, kept up between trials.
+  GPUs gets a warm group: one torchrun of a process per GPU, kept up between trials. A slot
+  borrows the resident worker ``harness warm up`` keeps on its GPU, when there is an idle one
+  (``resident``), so the study pays no import, and on the same model no load or compile.
 - **standby**: each slot keeps a spawned trial process, imports done, waiting for its trial
   (CUDA, once initialised, cannot be forked).
 - **spawn**: ``python -m harness.worker.trial``, which imports for itself.
@@ -23,14 +25,13 @@ Torch-free: the driver imports it.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
 
 from harness.errors import HarnessError
-from harness.launch.base import Launcher, child_env, log_tail
+from harness.launch.base import Launcher, child_env, log_tail, nvidia_visible
 from harness.launch.fork import ForkLauncher
 from harness.launch.spawn import SpawnLauncher, TorchrunLauncher
 from harness.launch.standby import StandbyLauncher
@@ -39,10 +40,6 @@ from harness.launch.warm import WarmLauncher
 __all__ = ["Launcher", "ForkLauncher", "SpawnLauncher", "StandbyLauncher", "TorchrunLauncher", "WarmLauncher",
            "make_launcher",
            "default_start_method", "run_prepare"]
-
-
-def nvidia_visible() -> bool:
-    return os.path.exists("/dev/nvidiactl") and os.environ.get("CUDA_VISIBLE_DEVICES", "0") not in ("", "-1")
 
 
 def default_start_method(device: str) -> str:

@@ -41,6 +41,10 @@ def log_tail(path: Path, n: int = 15) -> str:
         return ""
 
 
+def nvidia_visible() -> bool:
+    return os.path.exists("/dev/nvidiactl") and os.environ.get("CUDA_VISIBLE_DEVICES", "0") not in ("", "-1")
+
+
 def child_env(storage_url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a study's child processes; the storage URL (which may hold a password)
     reaches them here and nowhere else."""

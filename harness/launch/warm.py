@@ -13,6 +13,10 @@ imports while the driver records the trial that ended.
 With ``gpus_per_trial`` > 1 a slot's worker is a **warm group**: one torchrun of ``gpus_per_trial``
 processes kept up between trials. Rank 0 reads the trial numbers and answers; it shares each with
 the other ranks (:class:`harness.worker.distributed.Group`), and the group retires as one.
+
+A one-GPU slot first tries to borrow the resident worker ``harness warm up`` keeps on its GPU
+(:mod:`harness.launch.resident`): the same protocol over a socket, and given back, not ended, when
+the study is done. A slot whose resident worker is busy, importing, retired or down starts its own.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-from harness.launch.base import Launcher, child_env
+from harness.launch.base import Launcher, child_env, nvidia_visible
 from harness.launch.progress import PATH_ENV
+from harness.launch.resident import ResidentWorker, slot_gpu
 from harness.launch.spawn import torchrun_command
 
 REPLY_ENV = "HARNESS_WARM_REPLY"
@@ -98,6 +103,10 @@ class WarmWorker:
             self.proc.kill()
         self.proc.wait()
 
+    def wait(self) -> int:
+        """Its exit code, once it has exited."""
+        return self.proc.wait()
+
     def close(self) -> None:
         """End the worker: stdin closed, it exits after its current trial; killed if it does not.
         Its own log goes when it ended cleanly (each trial's output is in the trial's log)."""
@@ -145,8 +154,8 @@ class WarmTrial:
             self._poll(1.0)
         self._poll(0.0)  # an answer written just before the worker exited
         if self.answer is None:
-            code = self.worker.proc.wait()
-            if self.log.stat().st_size == 0 and self.worker.log.exists():
+            code = self.worker.wait()
+            if self.log.stat().st_size == 0 and self.worker.log is not None and self.worker.log.exists():
                 # It died before its trial began (in its imports, say): what it printed is the
                 # trial's log, so the failure's reason is not lost.
                 self.log.write_bytes(self.worker.log.read_bytes())
@@ -160,8 +169,9 @@ class WarmLauncher(Launcher):
     def __init__(self, *args, max_trials: int = 50, nproc: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_trials, self.nproc = max_trials, nproc
-        self._workers: dict[str, WarmWorker] = {}  # each slot's thread touches only its own key
+        self._workers: dict[str, WarmWorker | ResidentWorker] = {}  # each slot's thread touches only its own key
         self._prepared = False
+        self.resident_slots: set[str] = set()  # slots that borrowed a resident worker at least once
 
     def __enter__(self) -> "WarmLauncher":
         # Each slot's worker imports while the study's model and data are prepared.
@@ -172,8 +182,16 @@ class WarmLauncher(Launcher):
     def prefetch(self, slot: str) -> None:
         worker = self._workers.get(slot)
         if worker is None or not worker.alive():
-            worker = WarmWorker(self.study_dir, child_env(self.storage_url, self.slot_env.get(slot, {})),
-                                self.max_trials, self.nproc)
+            if worker is not None:
+                worker.close()
+            env = child_env(self.storage_url, self.slot_env.get(slot, {}))
+            worker = None
+            if self.nproc == 1:
+                worker = ResidentWorker.borrow(slot_gpu(env, nvidia_visible()), self.study_dir, env)
+                if worker is not None:
+                    self.resident_slots.add(slot)
+            if worker is None:
+                worker = WarmWorker(self.study_dir, env, self.max_trials, self.nproc)
             self._workers[slot] = worker
             if self._prepared:  # a replacement, mid-study: it loads the base as soon as it has imported
                 worker.preload()

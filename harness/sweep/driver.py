@@ -215,7 +215,7 @@ def run_sweep(
     # the launcher (the first standby imports beside the preparation) to the end of the last trial;
     # recorded on the study also on Ctrl-C or an error (the GPUs were held all the same).
     clock = RunClock(study, storage_url, gpus=len(slots) * cfg.gpus_per_trial, start_method=launcher.name,
-                     trials=lambda: counts["ran"])
+                     trials=lambda: counts["ran"], resident=lambda: len(getattr(launcher, "resident_slots", ())))
     with clock, launcher:
         _prepare(cfg, study, sweep_dir, study_dir, console)
         launcher.prepared()

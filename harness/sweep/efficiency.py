@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 
 # Study user attribute: one entry per run, {wall_s, gpus, host, pid, started (Unix time),
 # start_method, trials (how many trials this run had recorded when it ended; after Ctrl-C, a trial
-# still being recorded may be missing from it)}.
+# still being recorded may be missing from it), resident_slots (how many of its slots borrowed a
+# resident worker, `harness warm up`: their import, and maybe load and compile, were paid before
+# the run, so its wall time does not hold them)}.
 RUNS = "sweep_runs"
 
 
@@ -61,9 +63,9 @@ class RunClock:
     the time up to ``stop()``, or up to leaving when it was never called."""
 
     def __init__(self, study: optuna.Study, storage_url: str, gpus: int, start_method: str,
-                 trials: Callable[[], int] | None = None):
+                 trials: Callable[[], int] | None = None, resident: Callable[[], int] | None = None):
         self.study, self.storage_url, self.gpus, self.start_method = study, storage_url, gpus, start_method
-        self.trials = trials
+        self.trials, self.resident = trials, resident
         self.started = self.t0 = self.ended = None
 
     def __enter__(self) -> "RunClock":
@@ -78,7 +80,8 @@ class RunClock:
         record_run(self.study, self.storage_url, {
             "wall_s": round(wall, 3), "gpus": self.gpus, "host": socket.gethostname(), "pid": os.getpid(),
             "started": round(self.started, 3), "start_method": self.start_method,
-            "trials": self.trials() if self.trials else None})
+            "trials": self.trials() if self.trials else None,
+            "resident_slots": self.resident() if self.resident else 0})
 
 
 @dataclass
@@ -94,6 +97,7 @@ class Efficiency:
     warmup_s: float | None = None       # their mean warmup_s
     first_fixed_s: float | None = None  # the same for the first of them (lowest number)
     first_warmup_s: float | None = None
+    resident_runs: int = 0  # runs in which a slot borrowed a resident worker (`harness warm up`)
 
     @property
     def efficiency(self) -> float | None:
@@ -116,6 +120,8 @@ class Efficiency:
             tail.append(f"mean fixed {self.fixed_s:.1f} s")
         if self.warmup_s is not None:
             tail.append(f"mean warm-up {self.warmup_s:.1f} s")
+        if self.resident_runs:
+            tail.append(f"resident workers in {self.resident_runs} of {self.runs} runs (imported before)")
         return ": ".join(parts) + "; " + ", ".join(tail)
 
 
@@ -157,4 +163,5 @@ def measure(study: optuna.Study) -> Efficiency | None:
         wall_gpu_s=sum(float(r["wall_s"]) * int(r.get("gpus") or 1) for r in runs),
         train_gpu_s=train_gpu_s, trials=len(trained), fixed_s=mean("fixed_s"), warmup_s=mean("warmup_s"),
         first_fixed_s=first.get("fixed_s"), first_warmup_s=first.get("warmup_s"),
+        resident_runs=sum(1 for r in runs if r.get("resident_slots")),
     )

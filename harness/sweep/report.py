@@ -442,7 +442,10 @@ def efficiency_lines(e: Efficiency | None) -> list[str]:
             + f"{e.train_gpu_s:,.1f} GPU-s of training at steady pace (each trial's steps × its median step after "
             f"the warm-up) of {e.wall_gpu_s:,.1f} GPU-s held (each run's wall time, from starting its launcher to "
             f"its last trial's end, × its GPUs). The rest: each trial's fixed cost (`fixed_s`, to its first step) "
-            f"and warm-up (`warmup_s`), evaluation, the study's preparation.", "",
+            f"and warm-up (`warmup_s`), evaluation, the study's preparation."
+            + (f" In {e.resident_runs} of its {e.runs} runs, slots borrowed resident workers (`harness warm up`): "
+               "their import, and a load and compile an earlier study did, are not in the wall time."
+               if e.resident_runs else ""), "",
             _md(table), ""]
 
 

@@ -23,6 +23,7 @@ torchrun it is one rank of a warm group: rank 0 reads and answers, every rank tr
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import socket
@@ -82,6 +83,7 @@ class Worker:
         self.trials = 0
         self.retire: str | None = None
         self.trial_failed = False  # its latest trial ended in a failure (as the launcher counts one)
+        self.resident = False  # started by `harness warm up`: it serves study after study
 
     def drop_base(self, device: str) -> None:
         from harness.worker.metrics import release_cached_memory
@@ -139,12 +141,14 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
     if worker is not None:
         worker.trials += 1
         m.worker_trial = worker.trials
+        m.resident_worker = worker.resident or None
     T.reset_peak_memory(device)
     if device == "cuda":
-        if cfg.memory_budget_mib:
-            # Enforced by the allocator: going over raises an out-of-memory error in this trial.
-            total = T.torch.cuda.get_device_properties(0).total_memory / 2**20
-            T.torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.memory_budget_mib / total))
+        # Enforced by the allocator: going over raises an out-of-memory error in this trial. Set
+        # (or lifted) by every trial: a resident worker's last study may have had another budget.
+        total = T.torch.cuda.get_device_properties(0).total_memory / 2**20
+        T.torch.cuda.set_per_process_memory_fraction(
+            min(1.0, cfg.memory_budget_mib / total) if cfg.memory_budget_mib else 1.0)
     fault = faults.planned(number)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     record.seeds = seeds if len(seeds) > 1 else None
@@ -508,14 +512,19 @@ def _preload(worker: Worker, study_dir: Path) -> None:
 
         cfg = SweepConfig.model_validate_json((study_dir / "sweep.json").read_text())
         method = cfg.search_space.fixed().get("method")
-        if method == "full" or worker.base is not None:
+        if method == "full":
             return  # a full fine-tune loads its own model
         prepared = Prepared.load(study_dir / "prepared.json")
         device = T.resolve_device(cfg.device)
         dtype = T.resolve_dtype(cfg.model.dtype, device)
+        key = BaseKey(prepared.model_dir, cfg.max_seq_length, str(dtype).removeprefix("torch."),
+                      bool(cfg.model.load_in_4bit))
+        if worker.base is not None:
+            if worker.base.key == key:
+                return
+            worker.drop_base(device)  # a resident worker's earlier study loaded another base
         t0 = time.perf_counter()
-        worker.base = WarmBase(BaseKey(prepared.model_dir, cfg.max_seq_length, str(dtype).removeprefix("torch."),
-                                       bool(cfg.model.load_in_4bit)), device)
+        worker.base = WarmBase(key, device)
         print(f"[harness] base preloaded in {time.perf_counter() - t0:.1f}s", flush=True)
     except Exception:  # noqa: BLE001 - the first trial loads it instead, and reports what fails
         traceback.print_exc()
@@ -553,51 +562,72 @@ def warm_worker(study_dir: Path) -> int:
     lead = group is None or group.lead
     reply = open(os.environ["HARNESS_WARM_REPLY"], "w", buffering=1) if lead else None  # noqa: SIM115
     worker = Worker(int(os.environ.get("HARNESS_WORKER_MAX_TRIALS", "50")))
-    own_out, own_err = os.dup(1), os.dup(2)
-    broken = False
-    while worker.retire is None:
-        words = sys.stdin.readline().split() if lead else None
-        if group is not None:
-            words = group.share(words)
-        if not words:
-            break  # closed: the study needs no more trials
-        if words[0] == "preload":
-            _preload(worker, study_dir)
-            continue
-        number, started_at, channel, log = int(words[0]), float(words[1]), words[2], words[3]
-        sys.stdout.flush()
-        sys.stderr.flush()
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
-        progress = ProgressWriter(channel if lead else None)
-        try:
-            code = execute(study_dir, number, progress, started_at, preimport_s if worker.trials == 0 else None,
-                           worker)
-            if group is not None:
-                try:
-                    worker.retire = group.agree(worker.retire, failed=worker.trial_failed)
-                except Exception as err:  # noqa: BLE001 - whatever broke, the group cannot go on
-                    traceback.print_exc()
-                    worker.retire, broken = f"the group broke after trial {number}: {err}", True
-            if worker.retire:
-                print(f"[harness] this worker takes no more trials: {worker.retire}", flush=True)
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(own_out, 1)
-            os.dup2(own_err, 2)
-        if lead:
-            reply.write(f"{number} {code} {'retire' if worker.retire else 'keep'}\n")
-            progress("end")
-            progress.close()
+    broken = serve_trials(study_dir, worker, lambda: sys.stdin.readline().split(), reply.write if lead else None,
+                          preimport_s, group)
     if broken:
         # At once: tearing down a process group that a dead or stuck rank belongs to can block.
         os._exit(1)
     if group is not None:
         group.close()
     return 0
+
+
+def serve_trials(study_dir: Path, worker: Worker, next_words: Callable[[], list[str]],
+                 answer: Callable[[str], object] | None, preimport_s: float | None, group=None,
+                 during_trial: Callable[[], object] = contextlib.nullcontext) -> bool:
+    """The warm worker's loop over one study's lines (``next_words``: a line's words, empty when the
+    study is done), until the study is done or the worker retires. Each trial's answer goes to
+    ``answer`` (the lead rank's; None on the others); ``during_trial`` is a context manager around
+    each trial (a resident worker watches for its driver there). True when a group broke (the
+    caller must exit at once)."""
+    lead = group is None or group.lead
+    own_out, own_err = os.dup(1), os.dup(2)
+    try:
+        while worker.retire is None:
+            words = next_words() if lead else None
+            if group is not None:
+                words = group.share(words)
+            if not words:
+                return False  # closed: the study needs no more trials
+            if words[0] == "preload":
+                _preload(worker, study_dir)
+                continue
+            number, started_at, channel, log = int(words[0]), float(words[1]), words[2], words[3]
+            sys.stdout.flush()
+            sys.stderr.flush()
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
+            progress = ProgressWriter(channel if lead else None)
+            broken = False
+            try:
+                with during_trial():
+                    code = execute(study_dir, number, progress, started_at,
+                                   preimport_s if worker.trials == 0 else None, worker)
+                if group is not None:
+                    try:
+                        worker.retire = group.agree(worker.retire, failed=worker.trial_failed)
+                    except Exception as err:  # noqa: BLE001 - whatever broke, the group cannot go on
+                        traceback.print_exc()
+                        worker.retire, broken = f"the group broke after trial {number}: {err}", True
+                if worker.retire:
+                    print(f"[harness] this worker takes no more trials: {worker.retire}", flush=True)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(own_out, 1)
+                os.dup2(own_err, 2)
+            if lead:
+                answer(f"{number} {code} {'retire' if worker.retire else 'keep'}\n")
+                progress("end")
+                progress.close()
+            if broken:
+                return True
+        return False
+    finally:
+        os.close(own_out)
+        os.close(own_err)
 
 
 def _join_group(study_dir: Path):

@@ -1,0 +1,365 @@
+"""Resident warm workers: ``harness warm up | status | down``.
+
+``harness warm up --gpus 0,1`` starts, per GPU, a supervisor (this module, ``supervise``) that
+keeps one warm worker (:mod:`harness.worker.resident`) running on that GPU, restarting it whenever
+it retires. A study with ``start_method: warm`` then borrows the resident worker of each of its
+slots instead of starting its own (:class:`ResidentWorker`, from ``harness.launch.warm``), so its
+first trial does not wait for an import, and, on the model the last study used, neither for a
+load nor for a compile. A slot whose resident worker is busy with another study, still
+importing, or gone, gets a worker of the study's own, as without ``warm up``; trials spanning
+several GPUs (``gpus_per_trial`` > 1) always get their own warm group.
+
+Where they live: per user and per harness cache (``HARNESS_CACHE``, whose models and compiled
+kernels they share), sockets and supervisor process ids in a folder only the user may enter,
+``/tmp/harness-<uid>/<hash of the cache's path>/``; each worker's output in
+``<cache>/workers/<gpu>.log``.
+
+Torch-free: the driver imports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+HELLO_TIMEOUT_S = 3.0  # an idle resident worker answers in milliseconds; a busy one not at all
+
+
+def _key(gpu: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", gpu)
+
+
+def _home() -> Path:
+    from harness.data.sources import cache_root
+
+    root = str(cache_root().expanduser().resolve())
+    # A socket's path must stay under ~100 bytes, so not in the cache itself.
+    user = Path(tempfile.gettempdir()) / f"harness-{os.getuid()}"
+    home = user / hashlib.sha1(root.encode()).hexdigest()[:12]
+    for folder in (user, home):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(folder, 0o700)  # only this user may reach the sockets (a study's env goes through them)
+    return home
+
+
+def socket_path(gpu: str) -> Path:
+    return _home() / f"{_key(gpu)}.sock"
+
+
+def _pid_path(gpu: str) -> Path:
+    return _home() / f"{_key(gpu)}.pid"
+
+
+def log_path(gpu: str) -> Path:
+    from harness.data.sources import cache_root
+
+    folder = cache_root() / "workers"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{_key(gpu)}.log"
+
+
+def slot_gpu(env: dict[str, str], nvidia: bool) -> str:
+    """The resident worker a slot would borrow: its GPU (the first of ``CUDA_VISIBLE_DEVICES``, or
+    0 when unset), or ``cpu`` on a host without NVIDIA devices."""
+    if not nvidia:
+        return "cpu"
+    return (env.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip() or "0"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _supervisor_pid(gpu: str) -> int | None:
+    try:
+        pid = int(_pid_path(gpu).read_text())
+    except (OSError, ValueError):
+        return None
+    return pid if _alive(pid) else None
+
+
+# -- the study's side ----------------------------------------------------------------------------
+
+class ResidentWorker:
+    """A resident worker lent to one study: the interface of :class:`harness.launch.warm.WarmWorker`
+    over the worker's socket. Closing gives it back (it waits for the next study); killing it (a
+    hang, Ctrl-C) ends it, and its supervisor starts another."""
+
+    log = None  # its output is its own log's, not the study's
+
+    def __init__(self, conn: socket.socket, pid: int, gpu: str):
+        self.conn, self.pid, self.gpu = conn, pid, gpu
+        self._buffer = b""
+        self._gone = False  # the connection closed: the worker exited
+        self._killed = False
+        self.retiring = False
+
+    @classmethod
+    def borrow(cls, gpu: str, study_dir: Path, env: dict[str, str]) -> "ResidentWorker | None":
+        """The resident worker on ``gpu``, now serving this study; None when there is none, or it is
+        busy, or still importing."""
+        path = socket_path(gpu)
+        if not path.exists():
+            return None
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.settimeout(HELLO_TIMEOUT_S)
+        try:
+            conn.connect(str(path))
+            conn.sendall((json.dumps({"study_dir": str(study_dir), "env": env}) + "\n").encode())
+            answer = b""
+            while not answer.endswith(b"\n"):
+                chunk = conn.recv(256)
+                if not chunk:
+                    raise ConnectionError("closed")
+                answer += chunk
+            word, pid = answer.decode().split()
+            if word != "ready":
+                raise ConnectionError(answer)
+        except (OSError, ValueError):
+            conn.close()
+            return None
+        conn.settimeout(None)
+        return cls(conn, int(pid), gpu)
+
+    def alive(self) -> bool:
+        if not self._gone:
+            ready, _, _ = select.select([self.conn], [], [], 0)
+            if ready:
+                try:
+                    self._gone = self.conn.recv(1, socket.MSG_PEEK) == b""
+                except OSError:
+                    self._gone = True
+        return not self._gone and _alive(self.pid)
+
+    def _send(self, line: str) -> None:
+        try:
+            self.conn.sendall(f"{line}\n".encode())
+        except OSError:
+            pass  # gone: its trial's watchdog finds out
+
+    def assign(self, number: int, started_at: str, channel: str, log: Path) -> None:
+        self._send(f"{number} {started_at} {channel} {log}")
+
+    def preload(self) -> None:
+        self._send("preload")
+
+    def reply(self, timeout: float = 0.0) -> tuple[int, int, bool] | None:
+        while b"\n" not in self._buffer:
+            if self._gone:
+                return None
+            ready, _, _ = select.select([self.conn], [], [], timeout)
+            if not ready:
+                return None
+            try:
+                chunk = self.conn.recv(4096)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._gone = True
+                return None
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        number, code, keep = line.decode().split()
+        return int(number), int(code), keep == "retire"
+
+    def wait(self) -> int:
+        """For a worker that will not answer: wait until it has exited; -9 when it was killed here."""
+        end = time.monotonic() + 30
+        while self.alive() and time.monotonic() < end:
+            time.sleep(0.1)
+        return -signal.SIGKILL if self._killed else 1
+
+    def kill(self) -> None:
+        if _alive(self.pid):
+            self._killed = True
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.close()
+        self._gone = True
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+
+
+# -- `harness warm up | status | down` --------------------------------------------------------------
+
+@dataclass
+class Status:
+    gpu: str
+    state: str                  # idle | busy | starting | down
+    supervisor: int | None = None
+    worker: dict | None = None  # what an idle worker says of itself
+    log: Path | None = None
+
+
+def status(gpu: str) -> Status:
+    sup = _supervisor_pid(gpu)
+    if sup is None:
+        return Status(gpu, "down")
+    path = socket_path(gpu)
+    if not path.exists():
+        return Status(gpu, "starting", sup, log=log_path(gpu))
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(1.0)
+    try:
+        conn.connect(str(path))
+        conn.sendall(b'{"status": true}\n')
+        answer = b""
+        while not answer.endswith(b"\n"):
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        return Status(gpu, "idle", sup, json.loads(answer), log_path(gpu))
+    except socket.timeout:
+        return Status(gpu, "busy", sup, log=log_path(gpu))
+    except (OSError, ValueError):
+        return Status(gpu, "starting", sup, log=log_path(gpu))
+    finally:
+        conn.close()
+
+
+def known_gpus() -> list[str]:
+    return sorted(p.stem for p in _home().glob("*.pid"))
+
+
+def up(gpus: list[str], max_trials: int) -> list[str]:
+    """Start a supervisor per GPU that has none; the GPUs whose supervisor was started now."""
+    from harness.launch.base import child_env
+
+    started = []
+    for gpu in gpus:
+        if _supervisor_pid(gpu) is not None:
+            continue
+        env = child_env("")
+        env.pop("HARNESS_STORAGE_URL", None)
+        if gpu != "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        with open(os.devnull) as devnull, log_path(gpu).open("a") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "harness.launch.resident", "supervise", gpu, str(max_trials)],
+                                    stdin=devnull, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)  # not ended with this shell's Ctrl-C
+        _pid_path(gpu).write_text(str(proc.pid))
+        started.append(gpu)
+    return started
+
+
+def down(gpus: list[str], timeout: float = 30.0) -> list[str]:
+    """Stop the supervisors (and their workers) on ``gpus``; the GPUs stopped."""
+    stopped = []
+    for gpu in gpus:
+        pid = _supervisor_pid(gpu)
+        if pid is None:
+            _pid_path(gpu).unlink(missing_ok=True)
+            continue
+        os.kill(pid, signal.SIGTERM)
+        end = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < end:
+            time.sleep(0.1)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+        _pid_path(gpu).unlink(missing_ok=True)
+        socket_path(gpu).unlink(missing_ok=True)
+        stopped.append(gpu)
+    return stopped
+
+
+def wait_ready(gpus: list[str], timeout: float, on_wait=None) -> list[Status]:
+    """Wait until each GPU's worker answers (idle), or is down (it failed to start), or ``timeout``."""
+    end = time.monotonic() + timeout
+    while True:
+        states = [status(gpu) for gpu in gpus]
+        if all(s.state in ("idle", "busy", "down") for s in states) or time.monotonic() > end:
+            return states
+        if on_wait:
+            on_wait(states)
+        time.sleep(0.5)
+
+
+def supervise(gpu: str, max_trials: int) -> int:
+    """Keep one resident worker running on ``gpu`` until SIGTERM. A worker that fails three times
+    in a row within a minute of starting is not started again (see its log)."""
+    stopping = False
+    child: subprocess.Popen | None = None
+
+    def stop(*_) -> None:
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    quick_failures = 0
+    path = socket_path(gpu)
+    while not stopping:
+        started = time.monotonic()
+        child = subprocess.Popen([sys.executable, "-m", "harness.worker.resident", str(path), str(max_trials)])
+        try:
+            code = child.wait()
+        except KeyboardInterrupt:
+            code = child.wait()
+        if stopping:
+            break
+        quick_failures = quick_failures + 1 if code != 0 and time.monotonic() - started < 60 else 0
+        print(f"[harness] resident worker {child.pid} ended (exit {code})"
+              + ("" if quick_failures < 3 else ": failed 3 times in a row, not restarted"), flush=True)
+        if quick_failures >= 3:
+            break
+        time.sleep(0.5)
+    if child is not None and child.poll() is None:
+        try:
+            child.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    path.unlink(missing_ok=True)
+    pid_file = _pid_path(gpu)
+    try:
+        if int(pid_file.read_text()) == os.getpid():
+            pid_file.unlink()
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def parse_gpus(text: str | None, nvidia: bool) -> list[str]:
+    if not nvidia:
+        if text:
+            raise HarnessError(f"--gpus {text}: no NVIDIA device is visible on this host (a CPU worker is started without --gpus)")
+        return ["cpu"]
+    if not text:
+        return ["0"]
+    gpus = [g.strip() for g in text.split(",") if g.strip()]
+    if not gpus or any(not re.fullmatch(r"\d+", g) for g in gpus):
+        raise HarnessError(f"--gpus: expected GPU indices such as 0,1 (got {text})")
+    return gpus
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "supervise":
+        sys.exit(supervise(sys.argv[2], int(sys.argv[3])))
