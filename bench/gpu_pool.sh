@@ -6,7 +6,8 @@
 # The preset built and the data tokenized; with RESIDENT=1, `harness warm up --gpus 0,1` beside it
 # (a resident warm worker per GPU, kept between the studies). A short warm-up study on both GPUs
 # (each GPU's worker loads the base and compiles; the on-disk compile caches fill), then the same
-# study of TRIALS trials of STEPS steps on GPU 0 alone ("1") and on GPUs 0,1 ("2"), in ORDER; a
+# study of TRIALS trials of STEPS steps on GPU 0 alone ("1") and on GPUs 0,1 ("2"; "2a": each trial
+# process with torch's own number of CPU threads, not its share of the host's cores), in ORDER; a
 # study that would not end before LIMIT_S (default 570 s) is skipped. Without RESIDENT each study
 # starts its own warm worker per GPU. Table from the Optuna storages (bench/efficiency_table.py):
 # trials per hour, sweep efficiency, fixed and warm-up s.
@@ -44,9 +45,11 @@ echo "warm-up done after ${SECONDS}s (rc $?)" | tee -a "$OUT/runs.txt"
 i=0
 for n in $ORDER; do
   i=$((i + 1))
-  gpus=$([ "$n" = 1 ] && echo 0 || echo 0,1)
-  # ~0.75 s a step on an H100 and ~2.5 s more per trial (bench/RESULTS.md), the trials shared by n GPUs.
-  expected=$(( TRIALS * (STEPS * 4 / 5 + 3) / n + 10 ))
+  # "1": GPU 0; "2": GPUs 0,1; "2a": GPUs 0,1 with each trial process keeping torch's own number of
+  # CPU threads (OMP_NUM_THREADS set empty: the driver does not share the host's cores out).
+  case "$n" in 1) gpus=0; k=1; envs="";; 2a) gpus=0,1; k=2; envs="OMP_NUM_THREADS=";; *) gpus=0,1; k=2; envs="";; esac
+  # ~0.75 s a step on an H100 and ~2.5 s more per trial (bench/RESULTS.md), the trials shared by k GPUs.
+  expected=$(( TRIALS * (STEPS * 4 / 5 + 3) / k + 10 ))
   name="pool-${n}gpu-$i"
   if [ $(( SECONDS + expected )) -gt "$LIMIT_S" ]; then
     echo "$name: skipped (${SECONDS}s gone, ~${expected}s needed)" | tee -a "$OUT/runs.txt"
@@ -54,7 +57,7 @@ for n in $ORDER; do
   fi
   "$PY" bench/efficiency_table.py sweep "$SWEEP" "/tmp/$name.yaml" --study "$name" --trials "$TRIALS" --steps "$STEPS" --start-method warm
   start=$SECONDS
-  timeout -s INT -k 20 $(( LIMIT_S - SECONDS )) "$PY" bench/efficiency_table.py run run "/tmp/$name.yaml" --results-dir "$RES" --gpus "$gpus" > "$LOGS/$name.log" 2>&1
+  timeout -s INT -k 20 $(( LIMIT_S - SECONDS )) env $envs "$PY" bench/efficiency_table.py run run "/tmp/$name.yaml" --results-dir "$RES" --gpus "$gpus" > "$LOGS/$name.log" 2>&1
   echo "$name: rc=$? wall=$((SECONDS - start))s" | tee -a "$OUT/runs.txt"
   grep "sweep efficiency" "$LOGS/$name.log" | tail -1 >> "$OUT/runs.txt"
 done

@@ -137,3 +137,16 @@ def test_warm_up_rejects_bad_input(harness_cache):
     assert out.returncode == 2 and "--gpus 0,1" in out.stdout
     out = run_cli("warm", "up", "--max-trials", "0")
     assert out.returncode == 2 and "--max-trials must be > 0" in out.stdout
+
+
+def test_a_gpu_pool_shares_the_host_cores_out(monkeypatch):
+    from harness.sweep import driver
+
+    monkeypatch.setattr(driver, "nvidia_visible", lambda: True)
+    monkeypatch.setattr(driver.os, "cpu_count", lambda: 32)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert {s: e["OMP_NUM_THREADS"] for s, e in driver._slots([0, 1], 1).items()} == {"0": "16", "1": "16"}
+    assert {s: e["OMP_NUM_THREADS"] for s, e in driver._slots([0, 1, 2, 3], 2).items()} == {"0,1": "8", "2,3": "8"}
+    assert "OMP_NUM_THREADS" not in driver._slots([3], 1)["3"]  # one process has the host to itself
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # the user's own setting wins
+    assert all("OMP_NUM_THREADS" not in e for e in driver._slots([0, 1], 1).values())

@@ -39,7 +39,7 @@ from harness.launch.warm import WarmLauncher
 
 __all__ = ["Launcher", "ForkLauncher", "SpawnLauncher", "StandbyLauncher", "TorchrunLauncher", "WarmLauncher",
            "make_launcher",
-           "default_start_method", "run_prepare"]
+           "default_start_method", "nvidia_visible", "run_prepare"]
 
 
 def default_start_method(device: str) -> str:

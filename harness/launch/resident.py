@@ -51,6 +51,8 @@ def _home() -> Path:
     home = user / hashlib.sha1(root.encode()).hexdigest()[:12]
     for folder in (user, home):
         folder.mkdir(mode=0o700, exist_ok=True)
+        if folder.stat().st_uid != os.getuid():
+            raise HarnessError(f"{folder} belongs to another user: resident workers need a folder of their own there")
         os.chmod(folder, 0o700)  # only this user may reach the sockets (a study's env goes through them)
     return home
 
@@ -117,7 +119,10 @@ class ResidentWorker:
     def borrow(cls, gpu: str, study_dir: Path, env: dict[str, str]) -> "ResidentWorker | None":
         """The resident worker on ``gpu``, now serving this study; None when there is none, or it is
         busy, or still importing."""
-        path = socket_path(gpu)
+        try:
+            path = socket_path(gpu)
+        except (OSError, HarnessError):
+            return None  # no folder of resident workers here: the study starts its own
         if not path.exists():
             return None
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

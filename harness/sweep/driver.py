@@ -20,7 +20,7 @@ from rich.console import Console
 
 from harness.errors import HarnessError, TrialsCannotRun
 from harness.files import write_json_atomic
-from harness.launch import default_start_method, make_launcher, run_prepare
+from harness.launch import default_start_method, make_launcher, nvidia_visible, run_prepare
 from harness.launch.fork import ForkLauncher
 from harness.records import TrialResult
 from harness.sweep.best import promote
@@ -63,7 +63,14 @@ def _slots(gpus: list[int] | None, per_trial: int) -> dict[str, dict[str, str]]:
               else [list(range(per_trial))] if per_trial > 1 else [])
     if not groups:
         return {"0": {}}
-    return {",".join(map(str, g)): {"CUDA_VISIBLE_DEVICES": ",".join(map(str, g))} for g in groups}
+    slots = {",".join(map(str, g)): {"CUDA_VISIBLE_DEVICES": ",".join(map(str, g))} for g in groups}
+    processes = sum(len(g) for g in groups)
+    if processes > 1 and "OMP_NUM_THREADS" not in os.environ and nvidia_visible():
+        # Each trial process's CPU threads (torch's intra-op pool), the host's cores shared out, as
+        # torchrun does for its ranks: not every process with a thread per core.
+        for env in slots.values():
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
+    return slots
 
 
 def _prepare(cfg: SweepConfig, study: optuna.Study, sweep_dir: Path, study_dir: Path, console: Console) -> None:

@@ -72,9 +72,11 @@ def serve(socket_path: Path, max_trials: int) -> int:
     t0 = time.perf_counter()
     import_training_stack()
     preimport_s = time.perf_counter() - t0
+    import torch
+
     worker = Worker(max_trials)
     worker.resident = True
-    own_env = dict(os.environ)
+    own_env, own_threads = dict(os.environ), torch.get_num_threads()
     studies = 0
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     socket_path.unlink(missing_ok=True)
@@ -119,6 +121,7 @@ def serve(socket_path: Path, max_trials: int) -> int:
                 finally:
                     os.environ.clear()
                     os.environ.update(own_env)
+                    torch.set_num_threads(own_threads)  # a study may have set its share (OMP_NUM_THREADS)
                 print(f"[harness] done with {study_dir}", flush=True)
         print(f"[harness] this worker takes no more trials: {worker.retire}", flush=True)
     finally:

@@ -143,6 +143,10 @@ def run_trial(study_dir: Path, number: int, progress: Send, started_at: float, s
         m.worker_trial = worker.trials
         m.resident_worker = worker.resident or None
     T.reset_peak_memory(device)
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0 and int(threads) != T.torch.get_num_threads():
+        # A warm worker started before this study's share of the host's cores was known.
+        T.torch.set_num_threads(int(threads))
     if device == "cuda":
         # Enforced by the allocator: going over raises an out-of-memory error in this trial. Set
         # (or lifted) by every trial: a resident worker's last study may have had another budget.

@@ -16,6 +16,7 @@ Imported only in worker processes (it imports torch; unsloth is imported first b
 from __future__ import annotations
 
 import gc
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,13 +84,20 @@ class WarmBase:
 
         if self.lent is not None:
             raise RuntimeError("the base already lends an adapter: give it back first")
+        t0 = time.perf_counter()
         gc.collect()
+        t1 = time.perf_counter()
         release_cached_memory(self.device)
         reset_peak_memory(self.device)
+        t2 = time.perf_counter()
         self.lent = FastLanguageModel.get_peft_model(
             self.model, r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
             bias="none", use_gradient_checkpointing=gradient_checkpointing(checkpointing), random_state=seed,
         )
+        # Where a fresh adapter's time goes (the trial's log): it is most of a warm trial's fixed cost.
+        print(f"[harness] adapter lent in {time.perf_counter() - t0:.2f}s: collect {t1 - t0:.2f}s, cache freed "
+              f"{t2 - t1:.2f}s, get_peft_model {time.perf_counter() - t2:.2f}s "
+              f"({torch.get_num_threads()} CPU threads)", flush=True)
         self.trials += 1
         return self.lent
 
