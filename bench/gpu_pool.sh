@@ -12,33 +12,12 @@
 # starts its own warm worker per GPU. Table from the Optuna storages (bench/efficiency_table.py):
 # trials per hour, sweep efficiency, fixed and warm-up s.
 # Dry run on CPU: DRY=1 SWEEP=<a CPU sweep> PYTHON=.venv/bin/python OUT=/tmp/pool-out bash bench/gpu_pool.sh
-set -u
-TRIALS=${TRIALS:-8}
 STEPS=${STEPS:-20}
 ORDER=${ORDER:-"1 2"}
-LIMIT_S=${LIMIT_S:-570}
-SWEEP=${SWEEP:-sweeps/mistral7b-packed.yaml}
-PY=${PYTHON:-python3}
-OUT=${OUT:-/tmp/pool-out}
-RES=/tmp/pool-results
-LOGS=/tmp/pool-logs   # each study's log, and the workers': one logs.tar.gz (the device returns 8 files)
-mkdir -p "$OUT"; rm -rf "$RES" "$LOGS" /tmp/pool-warmup; mkdir -p "$LOGS"
-if [ -z "${DRY:-}" ]; then
-  source bench/gpu_env.sh
-  UP_GPUS="--gpus 0,1"
-else
-  export HARNESS_CACHE=${HARNESS_CACHE:-/tmp/pool-cache} WANDB_MODE=disabled PYTHONUNBUFFERED=1
-  UP_GPUS=""
-fi
-export PYTHONPATH=${PYTHONPATH:-$PWD}
-trap '"$PY" -m harness.cli warm down >/dev/null 2>&1' EXIT
-
-timeout 200 "$PY" bench/efficiency_table.py prepare "$SWEEP" > "$LOGS/prepare.txt" 2>&1 &
-prep=$!
-if [ -n "${RESIDENT:-}" ]; then
-  "$PY" -m harness.cli warm up $UP_GPUS --timeout 200 2>&1 | tee "$OUT/runs.txt"
-fi
-wait $prep
+NAME=pool
+source bench/study_calls.sh
+rm -rf /tmp/pool-warmup
+prepare_beside_warm_up ${RESIDENT:+0,1}
 "$PY" bench/efficiency_table.py sweep "$SWEEP" /tmp/pool-warmup.yaml --study pool-warmup --trials 4 --steps 5 --start-method warm
 timeout 200 "$PY" bench/efficiency_table.py run run /tmp/pool-warmup.yaml --results-dir /tmp/pool-warmup --gpus 0,1 > "$LOGS/warmup.log" 2>&1
 echo "warm-up done after ${SECONDS}s (rc $?)" | tee -a "$OUT/runs.txt"
@@ -49,21 +28,7 @@ for n in $ORDER; do
   # CPU threads (OMP_NUM_THREADS set empty: the driver does not share the host's cores out).
   case "$n" in 1) gpus=0; k=1; envs="";; 2a) gpus=0,1; k=2; envs="OMP_NUM_THREADS=";; *) gpus=0,1; k=2; envs="";; esac
   # ~0.75 s a step on an H100 and ~2.5 s more per trial (bench/RESULTS.md), the trials shared by k GPUs.
-  expected=$(( TRIALS * (STEPS * 4 / 5 + 3) / k + 10 ))
-  name="pool-${n}gpu-$i"
-  if [ $(( SECONDS + expected )) -gt "$LIMIT_S" ]; then
-    echo "$name: skipped (${SECONDS}s gone, ~${expected}s needed)" | tee -a "$OUT/runs.txt"
-    continue
-  fi
-  "$PY" bench/efficiency_table.py sweep "$SWEEP" "/tmp/$name.yaml" --study "$name" --trials "$TRIALS" --steps "$STEPS" --start-method warm
-  start=$SECONDS
-  timeout -s INT -k 20 $(( LIMIT_S - SECONDS )) env $envs "$PY" bench/efficiency_table.py run run "/tmp/$name.yaml" --results-dir "$RES" --gpus "$gpus" > "$LOGS/$name.log" 2>&1
-  echo "$name: rc=$? wall=$((SECONDS - start))s" | tee -a "$OUT/runs.txt"
-  grep "sweep efficiency" "$LOGS/$name.log" | tail -1 >> "$OUT/runs.txt"
+  study "pool-${n}gpu-$i" "$TRIALS" "$STEPS" warm $(( TRIALS * (STEPS * 4 / 5 + 3) / k + 10 )) "$gpus" $envs
 done
 [ -n "${RESIDENT:-}" ] && "$PY" -m harness.cli warm status >> "$OUT/runs.txt" 2>&1
-"$PY" bench/efficiency_table.py table "$RES" --json "$OUT/table.json" | tee "$OUT/table.md"
-cp "$HARNESS_CACHE"/workers/*.log "$LOGS/" 2>/dev/null
-tar czf "$OUT/logs.tar.gz" -C "$LOGS" .
-tar czf "$OUT/studies.tar.gz" -C "$RES" --exclude=best --exclude=weights --exclude=wandb . 2>/dev/null
-echo "done after ${SECONDS}s"
+finish

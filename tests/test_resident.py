@@ -69,7 +69,7 @@ def test_studies_borrow_a_resident_worker_and_get_the_same_numbers(tmp_path, res
     assert _status()["cpu"].worker["studies"] == 2
 
     # A resident worker serves one study at a time: while another holds it, a study starts its own.
-    from harness.launch.resident import ResidentWorker
+    from harness.launch.warm import ResidentWorker
 
     holder = ResidentWorker.borrow("cpu", tmp_path, dict(os.environ))
     assert holder is not None and holder.pid == worker_pid

@@ -214,4 +214,7 @@ def test_a_failed_rank_stops_waiting_for_a_stuck_one_and_its_exit_frees_it(tmp_p
                           capture_output=True, text=True, timeout=120)
     out = proc.stdout + proc.stderr
     waited = re.search(r"rank 1 stopped waiting after (\d+) s", out)
-    assert waited and int(waited.group(1)) >= 3 and "rank 0 freed by rank 1's exit" in out, out[-3000:]
+    assert waited and int(waited.group(1)) >= 3, out[-3000:]
+    # Rank 0 is freed (the run ended well before the timeout): its collective fails once rank 1 is
+    # gone, or, on a loaded machine, torchrun ends it first on seeing rank 1 exit.
+    assert "rank 0 freed by rank 1's exit" in out or "closing signal" in out, out[-3000:]

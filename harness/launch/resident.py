@@ -3,7 +3,7 @@
 ``harness warm up --gpus 0,1`` starts, per GPU, a supervisor (this module, ``supervise``) that
 keeps one warm worker (:mod:`harness.worker.resident`) running on that GPU, restarting it whenever
 it retires. A study with ``start_method: warm`` then borrows the resident worker of each of its
-slots instead of starting its own (:class:`ResidentWorker`, from ``harness.launch.warm``), so its
+slots instead of starting its own (``harness.launch.warm.ResidentWorker``), so its
 first trial does not wait for an import, and, on the model the last study used, neither for a
 load nor for a compile. A slot whose resident worker is busy with another study, still
 importing, or gone, gets a worker of the study's own, as without ``warm up``; trials spanning
@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import re
-import select
 import signal
 import socket
 import subprocess
@@ -34,9 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import HarnessError
-
-HELLO_TIMEOUT_S = 3.0  # an idle resident worker answers in milliseconds; a busy one not at all
-
 
 def _key(gpu: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", gpu)
@@ -81,7 +77,7 @@ def slot_gpu(env: dict[str, str], nvidia: bool) -> str:
     return (env.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip() or "0"
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -96,118 +92,7 @@ def _supervisor_pid(gpu: str) -> int | None:
         pid = int(_pid_path(gpu).read_text())
     except (OSError, ValueError):
         return None
-    return pid if _alive(pid) else None
-
-
-# -- the study's side ----------------------------------------------------------------------------
-
-class ResidentWorker:
-    """A resident worker lent to one study: the interface of :class:`harness.launch.warm.WarmWorker`
-    over the worker's socket. Closing gives it back (it waits for the next study); killing it (a
-    hang, Ctrl-C) ends it, and its supervisor starts another."""
-
-    log = None  # its output is its own log's, not the study's
-
-    def __init__(self, conn: socket.socket, pid: int, gpu: str):
-        self.conn, self.pid, self.gpu = conn, pid, gpu
-        self._buffer = b""
-        self._gone = False  # the connection closed: the worker exited
-        self._killed = False
-        self.retiring = False
-
-    @classmethod
-    def borrow(cls, gpu: str, study_dir: Path, env: dict[str, str]) -> "ResidentWorker | None":
-        """The resident worker on ``gpu``, now serving this study; None when there is none, or it is
-        busy, or still importing."""
-        try:
-            path = socket_path(gpu)
-        except (OSError, HarnessError):
-            return None  # no folder of resident workers here: the study starts its own
-        if not path.exists():
-            return None
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn.settimeout(HELLO_TIMEOUT_S)
-        try:
-            conn.connect(str(path))
-            conn.sendall((json.dumps({"study_dir": str(study_dir), "env": env}) + "\n").encode())
-            answer = b""
-            while not answer.endswith(b"\n"):
-                chunk = conn.recv(256)
-                if not chunk:
-                    raise ConnectionError("closed")
-                answer += chunk
-            word, pid = answer.decode().split()
-            if word != "ready":
-                raise ConnectionError(answer)
-        except (OSError, ValueError):
-            conn.close()
-            return None
-        conn.settimeout(None)
-        return cls(conn, int(pid), gpu)
-
-    def alive(self) -> bool:
-        if not self._gone:
-            ready, _, _ = select.select([self.conn], [], [], 0)
-            if ready:
-                try:
-                    self._gone = self.conn.recv(1, socket.MSG_PEEK) == b""
-                except OSError:
-                    self._gone = True
-        return not self._gone and _alive(self.pid)
-
-    def _send(self, line: str) -> None:
-        try:
-            self.conn.sendall(f"{line}\n".encode())
-        except OSError:
-            pass  # gone: its trial's watchdog finds out
-
-    def assign(self, number: int, started_at: str, channel: str, log: Path) -> None:
-        self._send(f"{number} {started_at} {channel} {log}")
-
-    def preload(self) -> None:
-        self._send("preload")
-
-    def reply(self, timeout: float = 0.0) -> tuple[int, int, bool] | None:
-        while b"\n" not in self._buffer:
-            if self._gone:
-                return None
-            ready, _, _ = select.select([self.conn], [], [], timeout)
-            if not ready:
-                return None
-            try:
-                chunk = self.conn.recv(4096)
-            except OSError:
-                chunk = b""
-            if not chunk:
-                self._gone = True
-                return None
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        number, code, keep = line.decode().split()
-        return int(number), int(code), keep == "retire"
-
-    def wait(self) -> int:
-        """For a worker that will not answer: wait until it has exited; -9 when it was killed here."""
-        end = time.monotonic() + 30
-        while self.alive() and time.monotonic() < end:
-            time.sleep(0.1)
-        return -signal.SIGKILL if self._killed else 1
-
-    def kill(self) -> None:
-        if _alive(self.pid):
-            self._killed = True
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.close()
-        self._gone = True
-
-    def close(self) -> None:
-        try:
-            self.conn.close()
-        except OSError:
-            pass
+    return pid if pid_alive(pid) else None
 
 
 # -- `harness warm up | status | down` --------------------------------------------------------------
@@ -283,9 +168,9 @@ def down(gpus: list[str], timeout: float = 30.0) -> list[str]:
             continue
         os.kill(pid, signal.SIGTERM)
         end = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < end:
+        while pid_alive(pid) and time.monotonic() < end:
             time.sleep(0.1)
-        if _alive(pid):
+        if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
         _pid_path(gpu).unlink(missing_ok=True)
         socket_path(gpu).unlink(missing_ok=True)

@@ -21,26 +21,66 @@ the study is done. A slot whose resident worker is busy, importing, retired or d
 
 from __future__ import annotations
 
+import json
 import os
 import select
+import signal
+import socket
 import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from harness.errors import HarnessError
 from harness.launch.base import Launcher, child_env, nvidia_visible
 from harness.launch.progress import PATH_ENV
-from harness.launch.resident import ResidentWorker, slot_gpu
+from harness.launch.resident import pid_alive, slot_gpu, socket_path
 from harness.launch.spawn import torchrun_command
 
 REPLY_ENV = "HARNESS_WARM_REPLY"
 # Outcomes after which a worker takes the slot's next trial (as harness.worker.trial decides too).
 KEEP_WORKER_AFTER = frozenset({"complete", "pruned", "not_converged", "over_budget"})
 MAX_TRIALS_ENV = "HARNESS_WORKER_MAX_TRIALS"
+HELLO_TIMEOUT_S = 3.0  # an idle resident worker answers in milliseconds; a busy one not at all
 
 
-class WarmWorker:
+class _WorkerLines:
+    """A warm worker's line protocol, whatever carries it: trial numbers (or ``preload``) to it,
+    one answer per trial back, ``NUMBER EXIT_CODE keep|retire`` (harness.worker.trial.serve_trials)."""
+
+    log: Path | None = None  # its own output, between trials
+    _buffer = b""
+    retiring = False  # it said it takes no more trials
+
+    def _send(self, line: str) -> None:
+        raise NotImplementedError
+
+    def _read(self, timeout: float) -> bytes | None:
+        """What arrived within ``timeout`` seconds; None when nothing did, or the line is closed."""
+        raise NotImplementedError
+
+    def assign(self, number: int, started_at: str, channel: str, log: Path) -> None:
+        """Hand the worker trial ``number``."""
+        self._send(f"{number} {started_at} {channel} {log}")
+
+    def preload(self) -> None:
+        """Ask the worker to load the study's base now, before its first trial."""
+        self._send("preload")
+
+    def reply(self, timeout: float = 0.0) -> tuple[int, int, bool] | None:
+        """(number, exit code, retiring) once the worker has answered its trial; else None."""
+        while b"\n" not in self._buffer:
+            chunk = self._read(timeout)
+            if not chunk:
+                return None
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        number, code, keep = line.decode().split()
+        return int(number), int(code), keep == "retire"
+
+
+class WarmWorker(_WorkerLines):
     """One worker process (or, with ``nproc`` > 1, a torchrun group of them) and its reply pipe.
     Until it takes a trial, and between trials, its output goes to a log of its own under
     ``trials/`` (removed when it ends cleanly)."""
@@ -63,8 +103,6 @@ class WarmWorker:
         with self.log.open("w") as out:
             self.proc = subprocess.Popen([sys.executable, *command], stdin=subprocess.PIPE, stdout=out,
                                          stderr=subprocess.STDOUT, env=env)
-        self._buffer = b""
-        self.retiring = False  # it said it takes no more trials
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -77,26 +115,11 @@ class WarmWorker:
         except (BrokenPipeError, ValueError, OSError):
             pass
 
-    def assign(self, number: int, started_at: str, channel: str, log: Path) -> None:
-        """Hand the worker trial ``number``."""
-        self._send(f"{number} {started_at} {channel} {log}")
-
-    def preload(self) -> None:
-        """Ask the worker to load the study's base now, before its first trial."""
-        self._send("preload")
-
-    def reply(self, timeout: float = 0.0) -> tuple[int, int, bool] | None:
-        """(number, exit code, retiring) once the worker has answered its trial; else None."""
-        while b"\n" not in self._buffer:
-            if self._replies is None:
-                return None  # closed (Ctrl-C ends the study while a slot's thread still watches)
-            ready, _, _ = select.select([self._replies], [], [], timeout)
-            if not ready:
-                return None
-            self._buffer += os.read(self._replies, 4096)
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        number, code, keep = line.decode().split()
-        return int(number), int(code), keep == "retire"
+    def _read(self, timeout: float) -> bytes | None:
+        if self._replies is None:
+            return None  # closed (Ctrl-C ends the study while a slot's thread still watches)
+        ready, _, _ = select.select([self._replies], [], [], timeout)
+        return os.read(self._replies, 4096) if ready else None
 
     def kill(self) -> None:
         if self.alive():
@@ -125,6 +148,100 @@ class WarmWorker:
         self._replies = self._keep_open = None
         if self.proc.returncode == 0:
             self.log.unlink(missing_ok=True)
+
+
+class ResidentWorker(_WorkerLines):
+    """A resident worker (``harness warm up``, :mod:`harness.launch.resident`) lent to this study,
+    over its socket. Closing gives it back (it waits for the next study); killing it (a hang,
+    Ctrl-C) ends it, and its supervisor starts another."""
+
+    def __init__(self, conn: socket.socket, pid: int):
+        self.conn, self.pid = conn, pid
+        self._gone = False  # the connection closed: the worker exited
+        self._killed = False
+
+    @classmethod
+    def borrow(cls, gpu: str, study_dir: Path, env: dict[str, str]) -> "ResidentWorker | None":
+        """The resident worker on ``gpu``, now serving this study (whose environment it takes);
+        None when there is none, or it is busy, or still importing."""
+        try:
+            path = socket_path(gpu)
+        except (OSError, HarnessError):
+            return None  # no folder of resident workers here: the study starts its own
+        if not path.exists():
+            return None
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.settimeout(HELLO_TIMEOUT_S)
+        try:
+            conn.connect(str(path))
+            conn.sendall((json.dumps({"study_dir": str(study_dir), "env": env}) + "\n").encode())
+            answer = b""
+            while not answer.endswith(b"\n"):
+                chunk = conn.recv(256)
+                if not chunk:
+                    raise ConnectionError("closed")
+                answer += chunk
+            word, pid = answer.decode().split()
+            if word != "ready":
+                raise ConnectionError(answer)
+        except (OSError, ValueError):
+            conn.close()
+            return None
+        conn.settimeout(None)
+        return cls(conn, int(pid))
+
+    def alive(self) -> bool:
+        if not self._gone:
+            ready, _, _ = select.select([self.conn], [], [], 0)
+            if ready:
+                try:
+                    self._gone = self.conn.recv(1, socket.MSG_PEEK) == b""
+                except OSError:
+                    self._gone = True
+        return not self._gone and pid_alive(self.pid)
+
+    def _send(self, line: str) -> None:
+        try:
+            self.conn.sendall(f"{line}\n".encode())
+        except OSError:
+            pass  # gone: its trial's watchdog finds out
+
+    def _read(self, timeout: float) -> bytes | None:
+        if self._gone:
+            return None
+        ready, _, _ = select.select([self.conn], [], [], timeout)
+        if not ready:
+            return None
+        try:
+            chunk = self.conn.recv(4096)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._gone = True
+        return chunk or None
+
+    def wait(self) -> int:
+        """For a worker that will not answer: wait until it has exited; -9 when it was killed here."""
+        end = time.monotonic() + 30
+        while self.alive() and time.monotonic() < end:
+            time.sleep(0.1)
+        return -signal.SIGKILL if self._killed else 1
+
+    def kill(self) -> None:
+        if pid_alive(self.pid):
+            self._killed = True
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.close()
+        self._gone = True
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except OSError:
+            pass
 
 
 class WarmTrial:

@@ -22,6 +22,7 @@ from harness.errors import HarnessError, TrialsCannotRun
 from harness.files import write_json_atomic
 from harness.launch import default_start_method, make_launcher, nvidia_visible, run_prepare
 from harness.launch.fork import ForkLauncher
+from harness.launch.warm import WarmLauncher
 from harness.records import TrialResult
 from harness.sweep.best import promote
 from harness.sweep.config import SweepConfig
@@ -224,6 +225,14 @@ def run_sweep(
     clock = RunClock(study, storage_url, gpus=len(slots) * cfg.gpus_per_trial, start_method=launcher.name,
                      trials=lambda: counts["ran"], resident=lambda: len(getattr(launcher, "resident_slots", ())))
     with clock, launcher:
+        if isinstance(launcher, WarmLauncher) and cfg.gpus_per_trial == 1 and nvidia_visible():
+            borrowed = len(launcher.resident_slots)
+            if borrowed == len(slots):
+                console.print("warm workers: resident (harness warm up), imports done", highlight=False)
+            else:
+                console.print(f"warm workers: {len(slots) - borrowed} of {len(slots)} slots start their own, which "
+                              "import and load for this study (`harness warm up --gpus ...` keeps workers between "
+                              "studies)", highlight=False)
         _prepare(cfg, study, sweep_dir, study_dir, console)
         launcher.prepared()
         if isinstance(launcher, ForkLauncher):
