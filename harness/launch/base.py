@@ -70,6 +70,7 @@ class Launcher(ABC):
     """
 
     name: str  # recorded on each trial as its start method
+    resident_slots: set[str] | frozenset[str] = frozenset()  # slots that borrowed a resident warm worker (warm)
 
     def __init__(self, study_dir: Path, storage_url: str, slot_env: dict[str, dict[str, str]],
                  hang_timeout_s: float | None):

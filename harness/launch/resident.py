@@ -34,6 +34,7 @@ from pathlib import Path
 
 from harness.errors import HarnessError
 
+
 def _key(gpu: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", gpu)
 
@@ -87,6 +88,17 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def read_line(conn: socket.socket) -> bytes:
+    """One line from a worker's socket (its hello or its status), within the socket's timeout."""
+    answer = b""
+    while not answer.endswith(b"\n"):
+        chunk = conn.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed before a whole line")
+        answer += chunk
+    return answer
+
+
 def _supervisor_pid(gpu: str) -> int | None:
     try:
         pid = int(_pid_path(gpu).read_text())
@@ -118,13 +130,7 @@ def status(gpu: str) -> Status:
     try:
         conn.connect(str(path))
         conn.sendall(b'{"status": true}\n')
-        answer = b""
-        while not answer.endswith(b"\n"):
-            chunk = conn.recv(4096)
-            if not chunk:
-                break
-            answer += chunk
-        return Status(gpu, "idle", sup, json.loads(answer), log_path(gpu))
+        return Status(gpu, "idle", sup, json.loads(read_line(conn)), log_path(gpu))
     except socket.timeout:
         return Status(gpu, "busy", sup, log=log_path(gpu))
     except (OSError, ValueError):

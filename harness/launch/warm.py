@@ -35,7 +35,7 @@ from pathlib import Path
 from harness.errors import HarnessError
 from harness.launch.base import Launcher, child_env, nvidia_visible
 from harness.launch.progress import PATH_ENV
-from harness.launch.resident import pid_alive, slot_gpu, socket_path
+from harness.launch.resident import pid_alive, read_line, slot_gpu, socket_path
 from harness.launch.spawn import torchrun_command
 
 REPLY_ENV = "HARNESS_WARM_REPLY"
@@ -175,12 +175,7 @@ class ResidentWorker(_WorkerLines):
         try:
             conn.connect(str(path))
             conn.sendall((json.dumps({"study_dir": str(study_dir), "env": env}) + "\n").encode())
-            answer = b""
-            while not answer.endswith(b"\n"):
-                chunk = conn.recv(256)
-                if not chunk:
-                    raise ConnectionError("closed")
-                answer += chunk
+            answer = read_line(conn)
             word, pid = answer.decode().split()
             if word != "ready":
                 raise ConnectionError(answer)
@@ -288,7 +283,7 @@ class WarmLauncher(Launcher):
         self.max_trials, self.nproc = max_trials, nproc
         self._workers: dict[str, WarmWorker | ResidentWorker] = {}  # each slot's thread touches only its own key
         self._prepared = False
-        self.resident_slots: set[str] = set()  # slots that borrowed a resident worker at least once
+        self.resident_slots: set[str] = set()
 
     def __enter__(self) -> "WarmLauncher":
         # Each slot's worker imports while the study's model and data are prepared.

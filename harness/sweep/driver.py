@@ -223,7 +223,7 @@ def run_sweep(
     # the launcher (the first standby imports beside the preparation) to the end of the last trial;
     # recorded on the study also on Ctrl-C or an error (the GPUs were held all the same).
     clock = RunClock(study, storage_url, gpus=len(slots) * cfg.gpus_per_trial, start_method=launcher.name,
-                     trials=lambda: counts["ran"], resident=lambda: len(getattr(launcher, "resident_slots", ())))
+                     trials=lambda: counts["ran"], resident=lambda: len(launcher.resident_slots))
     with clock, launcher:
         if isinstance(launcher, WarmLauncher) and cfg.gpus_per_trial == 1 and nvidia_visible():
             borrowed = len(launcher.resident_slots)

@@ -113,8 +113,7 @@ def serve(socket_path: Path, max_trials: int) -> int:
                 print(f"[harness] serving {study_dir}", flush=True)
                 try:
                     serve_trials(study_dir, worker, lambda: reader.readline().split(),
-                                 lambda line: conn.sendall(line.encode()),
-                                 preimport_s if worker.trials == 0 else None,
+                                 lambda line: conn.sendall(line.encode()), preimport_s,
                                  during_trial=lambda: ends_with_driver(conn))
                 except OSError as err:  # the driver went away between trials
                     print(f"[harness] study ended: {err}", flush=True)
