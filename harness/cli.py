@@ -32,8 +32,9 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
         updates["storage"] = args.storage
     if updates:
         cfg = type(cfg).model_validate({**cfg.model_dump(), **updates})
-    if args.command == "worker" and not cfg.storage:
-        raise HarnessError("harness worker joins a shared study: give --storage postgresql://... or journal:///shared/path.log "
+    joining = args.command in ("join", "worker")
+    if joining and not cfg.storage:
+        raise HarnessError("harness join joins a shared study: give --storage postgresql://... or journal:///shared/path.log "
                            "(or storage: in the sweep file)")
     gpus = None
     if args.gpus:
@@ -44,8 +45,7 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     study_dir = (Path(args.results_dir) / cfg.study).resolve()
     code = 0
     try:
-        run_sweep(cfg, Path(args.sweep).resolve().parent, Path(args.results_dir), console, gpus=gpus,
-                  worker=args.command == "worker")
+        run_sweep(cfg, Path(args.sweep).resolve().parent, Path(args.results_dir), console, gpus=gpus, join=joining)
     except KeyboardInterrupt:
         console.print("interrupted: the running trial is marked interrupted (it runs again next time); "
                       "writing the tables")
@@ -154,17 +154,18 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_warm(args: argparse.Namespace, console: Console) -> int:
-    """``harness warm up | status | down``: resident warm workers, kept between studies."""
+    """``harness warm up | status | down``: resident workers, kept between studies."""
     from rich.table import Table
 
     from harness.launch import resident
-    from harness.launch.base import nvidia_visible
+    from harness.launch import nvidia_visible
 
     if args.action == "up":
         if args.max_trials <= 0:
             raise HarnessError(f"--max-trials must be > 0 (got {args.max_trials})")
         gpus = resident.parse_gpus(args.gpus, nvidia_visible())
-        started = resident.up(gpus, args.max_trials)
+        mode = args.mode or ("warm" if nvidia_visible() else "fork")
+        started = resident.up(gpus, args.max_trials, fork=mode == "fork")
         states = {s.gpu: s for s in (resident.status(g) for g in gpus)}
         if args.wait:
             with console.status("resident workers importing the training stack") as shown:
@@ -189,10 +190,10 @@ def _cmd_warm(args: argparse.Namespace, console: Console) -> int:
     if not gpus:
         console.print("no resident worker (start them with: harness warm up --gpus 0,1)")
         return 0
-    table = Table("gpu", "state", "worker pid", "studies", "trials", "base loaded", "up s", "log")
+    table = Table("gpu", "state", "mode", "worker pid", "studies", "trials", "base loaded", "up s", "log")
     for st in (resident.status(g) for g in gpus):
         w = st.worker or {}
-        table.add_row(st.gpu, st.state, str(w.get("pid", "")), str(w.get("studies", "")), str(w.get("trials", "")),
+        table.add_row(st.gpu, st.state, str(w.get("mode", "")), str(w.get("pid", "")), str(w.get("studies", "")), str(w.get("trials", "")),
                       str(w.get("base") or ""), str(w.get("up_s", "")), str(st.log or ""))
     Console(file=console.file, width=max(console.width, 160)).print(table)
     return 0
@@ -239,15 +240,17 @@ def _cmd_predict(args: argparse.Namespace, console: Console) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description="Optuna sweeps of Unsloth LoRA fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
-    # `worker` is `run` joined to a shared study: the same options, the storage required.
-    for name, help_ in (("run", "run (or continue) the sweep a YAML file describes"),
-                        ("worker", "join a shared study (PostgreSQL or a journal file) and run its trials")):
-        cmd = sub.add_parser(name, help=help_)
+    # `join` is `run` joined to a shared study: the same options, the storage required. (`worker`,
+    # its old name, still works: a worker is the process that trains a driver's trials.)
+    for name, help_, aliases in (("run", "run (or continue) the sweep a YAML file describes", []),
+                                 ("join", "join a shared study (PostgreSQL or a journal file) and run its trials",
+                                  ["worker"])):
+        cmd = sub.add_parser(name, help=help_, aliases=aliases)
         cmd.add_argument("sweep", help="sweep file, e.g. sweeps/demo.yaml")
-        cmd.add_argument("--n-trials", type=int, help="the study's total number of trials, across all workers")
+        cmd.add_argument("--n-trials", type=int, help="the study's total number of trials, across every driver that joins it")
         cmd.add_argument("--results-dir", default="results", help="where studies land (default: results)")
         cmd.add_argument("--storage", help="Optuna storage URL (overrides the file; default SQLite in the study "
-                                           "folder, which a worker cannot share)")
+                                           "folder, which other hosts cannot share)")
         cmd.add_argument("--gpus", help="GPU pool on this host, e.g. 0,1,2,3: one trial per GPU at once")
         cmd.set_defaults(func=_cmd_run)
     report = sub.add_parser("report", help="rebuild trials.parquet, summary.md, curves.png and the other "
@@ -280,12 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--samples", type=int, default=8, help="random configs when the space has ranges (default 8)")
     pr.add_argument("--card-mib", type=float, help="mark configs predicted over this much GPU memory")
     pr.set_defaults(func=_cmd_predict)
-    wm = sub.add_parser("warm", help="resident warm workers, kept between studies: warm up | status | down")
+    wm = sub.add_parser("warm", help="resident workers, kept between studies: warm up | status | down")
     wm.add_argument("action", choices=["up", "status", "down"])
     wm.add_argument("--gpus", help="GPUs on this host, e.g. 0,1 (default: 0; on a host without GPUs, one CPU worker; "
                                    "down: all that are up)")
     wm.add_argument("--max-trials", type=int, default=200,
                     help="a worker is replaced by a fresh one after this many trials (default 200)")
+    wm.add_argument("--mode", choices=["warm", "fork"],
+                    help="up: warm (trials in the worker, base kept; the default with GPUs) or fork (a fresh fork "
+                         "per trial; the default without)")
     wm.add_argument("--no-wait", dest="wait", action="store_false", help="up: return without waiting for the imports")
     wm.add_argument("--timeout", type=float, default=300, help="up: how long to wait for the imports (default 300 s)")
     wm.set_defaults(func=_cmd_warm)

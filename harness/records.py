@@ -1,10 +1,11 @@
 """The trial record: what a trial process hands its driver.
 
-A trial process fills one :class:`TrialResult` and writes it to ``trials/<n>/result.json``; a
-launcher fills one for a process that ended without writing it (crash, hang, a process that died
-before training). The driver alone turns it into the trial's final Optuna state
-(:func:`harness.sweep.study.finish_trial`), and the report reads the same fields back from the
-storage, with each field's type, into ``trials.parquet``.
+A worker sends the driver a :class:`TrialReport` at the end of each trial: what happened (its
+seeds' curves, its measurements, the exception that ended it), never a verdict. The driver alone
+decides the trial's outcome, from that report and what its launcher saw of the process
+(:func:`harness.sweep.outcome.decide`), as a :class:`TrialResult`, turns it into the trial's final
+Optuna state (:func:`harness.sweep.study.record_result`), and the report reads the same fields
+back from the storage, with each field's type, into ``trials.parquet``.
 
 Torch-free: the driver imports it.
 """
@@ -18,9 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 State = Literal["complete", "pruned", "infeasible", "fail"]
+Outcome = Literal["complete", "pruned", "oom", "predicted_oom", "over_budget", "not_converged", "crash", "hang",
+                  "nonfinite_loss", "error", "infrastructure", "interrupted", "stale"]
 
-# How a trial ended (``outcome``) and the Optuna state it becomes.
-OUTCOME_STATE: dict[str, State] = {
+# How a trial ended (``outcome``) and the Optuna state it becomes: every outcome the tables show.
+OUTCOME_STATE: dict[Outcome, State] = {
     "complete": "complete",
     "pruned": "pruned",
     "oom": "infeasible",          # out of memory: a property of the config, an Optuna constraint
@@ -33,10 +36,12 @@ OUTCOME_STATE: dict[str, State] = {
     "error": "fail",              # an exception in the trial after training started
     "infrastructure": "fail",     # the process died before training: retried, not counted
     "interrupted": "fail",        # Ctrl-C: retried on the next run, not counted
+    "stale": "fail",              # its driver died (heartbeat lost): retried, not counted
 }
 # Failures that say nothing about the configuration: the trial is run again with the same
 # parameters and does not use up n_trials.
-RETRIED_OUTCOMES = frozenset({"infrastructure", "interrupted"})
+RETRIED_OUTCOMES = frozenset({"infrastructure", "interrupted", "stale"})
+assert set(OUTCOME_STATE) == set(typing.get_args(Outcome))
 
 
 @dataclass
@@ -109,13 +114,13 @@ class TrialResult:
     """One trial's record. ``outcome`` decides its Optuna state (``OUTCOME_STATE``)."""
 
     number: int
-    outcome: str
+    outcome: Outcome
     value: float | None = None       # the objective (validation loss) when complete or pruned
     values: list[float] | None = None  # every objective, in the study's order (multi-objective studies)
     pruned_by: str | None = None     # median | hyperband (Optuna's, one objective) | loss | dominance (sweep/pruning.py)
     reason: str | None = None        # why it failed or is infeasible, one line first
     log_tail: str | None = None      # the last lines of trials/<n>/log.txt
-    start_method: str | None = None  # fork | standby | spawn | torchrun | warm
+    start_method: str | None = None  # warm | fork
     seed: int | None = None          # the trial's seed (the first, when seeds > 1)
     seeds: list[int] | None = None
     host: str | None = None
@@ -162,3 +167,44 @@ def _types(cls: type) -> dict[str, type]:
 
 METRIC_TYPES: dict[str, Any] = _types(Metrics)
 RECORD_TYPES: dict[str, Any] = {k: v for k, v in _types(TrialResult).items() if k not in ("metrics", "number")}
+
+
+@dataclass
+class SeedRun:
+    """One seed's training within a trial, as its worker saw it."""
+
+    seed: int
+    val_loss: float | None = None       # at its last validation
+    stopped_by: str | None = None       # what the driver answered at a validation: "pruned" | "converged"
+    history: list[dict] = field(default_factory=list)  # per validation: milestone, val_loss, tokens, seconds...
+    train_s: float = 0.0
+
+
+@dataclass
+class TrialReport:
+    """What a worker tells its driver about one trial: facts, no verdict (the driver decides the
+    outcome: :func:`harness.sweep.outcome.decide`)."""
+
+    number: int
+    runs: list[SeedRun] = field(default_factory=list)  # each seed that trained, in order
+    metrics: Metrics = field(default_factory=Metrics)
+    failure: str | None = None   # an exception ended it: "oom" | "nonfinite_loss" | "error"
+    reason: str | None = None    # that exception, one line first
+    reached_training: bool = False
+    seed: int | None = None
+    seeds: list[int] | None = None
+    host: str | None = None
+    pid: int | None = None
+    weights_saved: bool = False  # trials/<n>/weights holds what it trained
+
+    def __post_init__(self) -> None:
+        if isinstance(self.metrics, dict):
+            self.metrics = Metrics(**self.metrics)
+        self.runs = [SeedRun(**r) if isinstance(r, dict) else r for r in self.runs]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrialReport":
+        return cls(**data)

@@ -1,23 +1,15 @@
-"""Starting a study's processes: the once-per-study preparation, and one OS process per trial.
+"""Starting a study's processes: the once-per-study preparation, and the workers that train its
+trials (:mod:`harness.launch.launcher`).
 
-A process per trial means a crash, a leak or an out-of-memory error ends that trial alone, and
-every trial starts from clean memory, so its peak-memory figure is its own. Each start method is
-one :class:`Launcher`; all of them relay progress through one channel (``progress``), share one
-hang watchdog and return a :class:`~harness.records.TrialResult` (``base``):
+Two start methods, each kept by a measurement (README, "Fixed cost per trial"):
 
-- **fork** (default where no NVIDIA device is visible): a fork server imports the stack once;
-  each trial is a fresh fork of it.
-- **warm** (default on GPU hosts): each slot keeps one worker process that runs trial after
-  trial with the base model loaded and compiled kernels kept; a fresh adapter, optimizer and data
-  order per trial; the worker is replaced after any failure (``warm``). A trial over several
-  GPUs gets a warm group: one torchrun of a process per GPU, kept up between trials. A slot
-  borrows the resident worker ``harness warm up`` keeps on its GPU, when there is an idle one
-  (``resident``), so the study pays no import, and on the same model no load or compile.
-- **standby**: each slot keeps a spawned trial process, imports done, waiting for its trial
-  (CUDA, once initialised, cannot be forked).
-- **spawn**: ``python -m harness.worker.trial``, which imports for itself.
-- **torchrun**: one trial over ``gpus_per_trial`` GPUs, a process per GPU, started for that trial
-  (every start method but warm).
+- **warm** (the default on GPU hosts): each slot's worker runs trial after trial in one process,
+  the base model loaded and compiled kernels kept; a fresh adapter, optimizer and data order per
+  trial; the worker is replaced after any failure. A slot borrows the resident worker ``harness
+  warm up`` keeps on its GPU when there is an idle one (:mod:`harness.launch.resident`). With
+  ``gpus_per_trial`` > 1 a slot's worker is a warm group: one torchrun of a process per GPU.
+- **fork** (the default where no NVIDIA GPU is visible): each slot's worker only imports; each
+  trial is a fresh fork of it, so every trial starts from clean memory and its peak RSS is its own.
 
 Torch-free: the driver imports it.
 """
@@ -31,32 +23,23 @@ from pathlib import Path
 from typing import Callable
 
 from harness.errors import HarnessError
-from harness.launch.base import Launcher, child_env, log_tail, nvidia_visible
-from harness.launch.fork import ForkLauncher
-from harness.launch.spawn import SpawnLauncher, TorchrunLauncher
-from harness.launch.standby import StandbyLauncher
-from harness.launch.warm import WarmLauncher
+from harness.launch.launcher import Launcher, TrialRun
+from harness.launch.workers import child_env, log_tail, nvidia_visible
 
-__all__ = ["Launcher", "ForkLauncher", "SpawnLauncher", "StandbyLauncher", "TorchrunLauncher", "WarmLauncher",
-           "make_launcher",
-           "default_start_method", "nvidia_visible", "run_prepare"]
+__all__ = ["Launcher", "TrialRun", "make_launcher", "default_start_method", "nvidia_visible", "run_prepare"]
 
 
 def default_start_method(device: str) -> str:
     return "fork" if device == "cpu" or not nvidia_visible() else "warm"
 
 
-def make_launcher(start_method: str, study_dir: Path, storage_url: str, slot_env: dict[str, dict[str, str]],
-                  hang_timeout_s: float | None, gpus_per_trial: int = 1, worker_max_trials: int = 50) -> Launcher:
+def make_launcher(start_method: str, study_dir: Path, slot_env: dict[str, dict[str, str]],
+                  hang_timeout_s: float | None, gpus_per_trial: int = 1, worker_max_trials: int = 50,
+                  device: str = "auto") -> Launcher:
     """The launcher for ``start_method`` (``auto`` resolved by the caller). Trials spanning several
-    GPUs run under torchrun: kept up between trials (a warm group) with ``warm``, else one per trial."""
-    args = (study_dir, storage_url, slot_env, hang_timeout_s)
-    if start_method == "warm":
-        return WarmLauncher(*args, max_trials=worker_max_trials, nproc=gpus_per_trial)
-    if gpus_per_trial > 1:
-        return TorchrunLauncher(*args, nproc=gpus_per_trial)
-    kinds = {"fork": ForkLauncher, "standby": StandbyLauncher, "spawn": SpawnLauncher}
-    return kinds[start_method](*args)
+    GPUs run in warm groups (torchrun, kept up between trials) whatever the method."""
+    return Launcher(study_dir, slot_env, fork=start_method == "fork" and gpus_per_trial == 1, nproc=gpus_per_trial,
+                    max_trials=worker_max_trials, hang_timeout_s=hang_timeout_s, device=device)
 
 
 def run_prepare(config_json: Path, sweep_dir: Path, out: Path, log: Path,
@@ -68,7 +51,7 @@ def run_prepare(config_json: Path, sweep_dir: Path, out: Path, log: Path,
     """
     progress_file = out.with_name("prepare-progress.json")
     progress_file.unlink(missing_ok=True)
-    env = child_env("")
+    env = child_env()
     env["HARNESS_PREPARE_PROGRESS"] = str(progress_file)
     seen = None
     with log.open("w") as log_f:

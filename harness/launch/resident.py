@@ -1,13 +1,16 @@
-"""Resident warm workers: ``harness warm up | status | down``.
+"""Resident workers: ``harness warm up | status | down``.
 
 ``harness warm up --gpus 0,1`` starts, per GPU, a supervisor (this module, ``supervise``) that
-keeps one warm worker (:mod:`harness.worker.resident`) running on that GPU, restarting it whenever
-it retires. A study with ``start_method: warm`` then borrows the resident worker of each of its
-slots instead of starting its own (``harness.launch.warm.ResidentWorker``), so its
-first trial does not wait for an import, and, on the model the last study used, neither for a
-load nor for a compile. A slot whose resident worker is busy with another study, still
-importing, or gone, gets a worker of the study's own, as without ``warm up``; trials spanning
-several GPUs (``gpus_per_trial`` > 1) always get their own warm group.
+keeps one resident worker (``python -m harness.worker.serve --listen``, :mod:`harness.worker.resident`)
+running on that GPU, restarting it whenever it retires. A study then borrows the resident worker
+of each of its slots instead of starting its own (:class:`harness.launch.workers.ResidentWorker`),
+so its first trial does not wait for an import, and, on the model the last study used (warm
+mode), neither for a load nor for a compile. A slot whose resident worker is busy with another
+study, still importing, of the other mode, or gone, gets a worker of the study's own, as without
+``warm up``; trials spanning several GPUs (``gpus_per_trial`` > 1) always get their own warm group.
+
+On a host without NVIDIA GPUs, ``warm up`` starts one CPU worker in fork mode (the CPU default:
+every trial a fresh fork of the imported worker); ``--mode`` chooses otherwise.
 
 Where they live: per user and per harness cache (``HARNESS_CACHE``, whose models and compiled
 kernels they share), sockets and supervisor process ids in a folder only the user may enter,
@@ -20,11 +23,9 @@ Torch-free: the driver imports it.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.launch.workers import pid_alive
 
 
 def _key(gpu: str) -> str:
@@ -78,27 +80,6 @@ def slot_gpu(env: dict[str, str], nvidia: bool) -> str:
     return (env.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip() or "0"
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def read_line(conn: socket.socket) -> bytes:
-    """One line from a worker's socket (its hello or its status), within the socket's timeout."""
-    answer = b""
-    while not answer.endswith(b"\n"):
-        chunk = conn.recv(4096)
-        if not chunk:
-            raise ConnectionError("closed before a whole line")
-        answer += chunk
-    return answer
-
-
 def _supervisor_pid(gpu: str) -> int | None:
     try:
         pid = int(_pid_path(gpu).read_text())
@@ -119,44 +100,48 @@ class Status:
 
 
 def status(gpu: str) -> Status:
+    from harness.protocol import Closed, connect
+
     sup = _supervisor_pid(gpu)
     if sup is None:
         return Status(gpu, "down")
     path = socket_path(gpu)
     if not path.exists():
         return Status(gpu, "starting", sup, log=log_path(gpu))
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    conn.settimeout(1.0)
     try:
-        conn.connect(str(path))
-        conn.sendall(b'{"status": true}\n')
-        return Status(gpu, "idle", sup, json.loads(read_line(conn)), log_path(gpu))
-    except socket.timeout:
-        return Status(gpu, "busy", sup, log=log_path(gpu))
-    except (OSError, ValueError):
+        channel = connect(path, timeout=1.0)
+    except OSError:
+        return Status(gpu, "starting", sup, log=log_path(gpu))
+    try:
+        channel.send("status")
+        answer = channel.recv(1.0)
+    except Closed:
         return Status(gpu, "starting", sup, log=log_path(gpu))
     finally:
-        conn.close()
+        channel.close()
+    if answer is None:  # it serves a study, and reads no other client meanwhile
+        return Status(gpu, "busy", sup, log=log_path(gpu))
+    return Status(gpu, "idle", sup, {k: v for k, v in answer.items() if k != "kind"}, log_path(gpu))
 
 
 def known_gpus() -> list[str]:
     return sorted(p.stem for p in _home().glob("*.pid"))
 
 
-def up(gpus: list[str], max_trials: int) -> list[str]:
+def up(gpus: list[str], max_trials: int, fork: bool) -> list[str]:
     """Start a supervisor per GPU that has none; the GPUs whose supervisor was started now."""
-    from harness.launch.base import child_env
+    from harness.launch.workers import child_env
 
     started = []
     for gpu in gpus:
         if _supervisor_pid(gpu) is not None:
             continue
-        env = child_env("")
-        env.pop("HARNESS_STORAGE_URL", None)
+        env = child_env()
         if gpu != "cpu":
             env["CUDA_VISIBLE_DEVICES"] = gpu
         with open(os.devnull) as devnull, log_path(gpu).open("a") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "harness.launch.resident", "supervise", gpu, str(max_trials)],
+            proc = subprocess.Popen([sys.executable, "-m", "harness.launch.resident", "supervise", gpu, str(max_trials),
+                                     "fork" if fork else "warm"],
                                     stdin=devnull, stdout=log, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)  # not ended with this shell's Ctrl-C
         _pid_path(gpu).write_text(str(proc.pid))
@@ -196,7 +181,7 @@ def wait_ready(gpus: list[str], timeout: float, on_wait=None) -> list[Status]:
         time.sleep(0.5)
 
 
-def supervise(gpu: str, max_trials: int) -> int:
+def supervise(gpu: str, max_trials: int, fork: bool) -> int:
     """Keep one resident worker running on ``gpu`` until SIGTERM. A worker that fails three times
     in a row within a minute of starting is not started again (see its log)."""
     stopping = False
@@ -214,7 +199,8 @@ def supervise(gpu: str, max_trials: int) -> int:
     path = socket_path(gpu)
     while not stopping:
         started = time.monotonic()
-        child = subprocess.Popen([sys.executable, "-m", "harness.worker.resident", str(path), str(max_trials)])
+        child = subprocess.Popen([sys.executable, "-m", "harness.worker.serve", "--listen", str(path),
+                                  "--max-trials", str(max_trials), *(["--fork"] if fork else [])])
         try:
             code = child.wait()
         except KeyboardInterrupt:
@@ -258,4 +244,4 @@ def parse_gpus(text: str | None, nvidia: bool) -> list[str]:
 
 if __name__ == "__main__":
     if sys.argv[1] == "supervise":
-        sys.exit(supervise(sys.argv[2], int(sys.argv[3])))
+        sys.exit(supervise(sys.argv[2], int(sys.argv[3]), sys.argv[4] == "fork"))

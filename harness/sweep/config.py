@@ -285,10 +285,10 @@ class SweepConfig(_Strict):
     seeds: int = Field(default=1, ge=1)  # > 1: each config trains once per seed; the objective is their mean
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # auto: fork where no NVIDIA GPU is visible, warm where one is (see harness/launch/__init__.py)
-    start_method: Literal["auto", "fork", "standby", "spawn", "warm"] = "auto"
+    start_method: Literal["auto", "fork", "warm"] = "auto"
     # warm: a worker runs at most this many trials before a fresh one replaces it
     worker_max_trials: int = Field(default=50, ge=1)
-    gpus_per_trial: int = Field(default=1, ge=1)  # > 1: torchrun, one process per GPU (Gloo processes on CPU)
+    gpus_per_trial: int = Field(default=1, ge=1)  # > 1: a warm group under torchrun, a process per GPU (Gloo on CPU)
     model: ModelConfig
     dataset: DatasetConfig = DatasetConfig()
     max_seq_length: int = Field(default=256, gt=1)
@@ -324,6 +324,14 @@ class SweepConfig(_Strict):
     def _study_name(cls, v: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
             raise ValueError("use letters, digits, '.', '_' and '-' (it names a folder)")
+        return v
+
+    @field_validator("start_method", mode="before")
+    @classmethod
+    def _removed_start_methods(cls, v: Any) -> Any:
+        if v in ("standby", "spawn"):
+            raise ValueError(f"'{v}' was removed: warm keeps the GPU busier (bench/RESULTS.md, issue 15); use warm, "
+                             "fork or auto")
         return v
 
     @field_validator("storage")

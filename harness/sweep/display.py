@@ -46,7 +46,7 @@ class Display:
                              completed=0, total=1, visible=True)
 
     def on_event(self, slot: str, number: int, ev: dict) -> None:
-        kind, task, tag = ev.get("event"), self.steps[slot], self.tag[slot]
+        kind, task, tag = ev.get("kind"), self.steps[slot], self.tag[slot]
         if kind == "phase":
             self.progress.update(task, description=f"  {tag}trial {number}: {ev['phase']}")
         elif kind == "step":
@@ -54,7 +54,7 @@ class Display:
                                  description=f"  {tag}trial {number}: step {ev['step']} loss {ev['loss']:.3f}")
         elif kind == "eval":
             seed = f" seed {ev['seed']}" if ev.get("seed") is not None else ""
-            self.console.print(f"  {tag}trial {number}{seed} at {ev['step']:>8,}  val_loss {ev['val_loss']:.4f}"
+            self.console.print(f"  {tag}trial {number}{seed} at {ev['milestone']:>8,}  val_loss {ev['val_loss']:.4f}"
                                + ("  → prune" if ev["prune"] else ""))
 
     def end_trial(self, slot: str, result: TrialResult, study: optuna.Study, retried: bool) -> None:

@@ -1,9 +1,13 @@
-"""The sweep driver: sweep config → Optuna study → one process per trial → its record → storage.
+"""The sweep driver: sweep config → Optuna study → a worker per slot → each trial's milestones and
+report → its outcome → storage and W&B.
 
-The driver imports neither torch nor unsloth. It asks Optuna for each trial (so sampling happens
-here, with the whole study's history), has a launcher run the trial's process, and alone turns
-the trial's record into its final state (``study.record_result``). ``n_trials`` is the study's
-total: a study that already has that many finished trials runs nothing.
+The driver imports neither torch nor unsloth, and is the study's only Optuna client: it asks
+Optuna for each trial (so sampling happens here, with the whole study's history), hands the
+trial's parameters to a worker through the launcher, answers the worker's questions at each
+validation (it reports the intermediate value and decides pruning) and at the end (whether the
+weights may be the best), logs to W&B, decides the trial's outcome from the worker's report and
+the process's end (:mod:`harness.sweep.outcome`) and records it (``study.record_result``).
+``n_trials`` is the study's total: a study that already has that many finished trials runs nothing.
 """
 
 from __future__ import annotations
@@ -18,20 +22,22 @@ from pathlib import Path
 import optuna
 from rich.console import Console
 
+from harness import faults
 from harness.errors import HarnessError, TrialsCannotRun
-from harness.files import write_json_atomic
-from harness.launch import default_start_method, make_launcher, nvidia_visible, run_prepare
-from harness.launch.fork import ForkLauncher
-from harness.launch.warm import WarmLauncher
-from harness.records import TrialResult
-from harness.sweep.best import promote
+from harness.files import write_json_atomic, write_text_atomic
+from harness.launch import Launcher, default_start_method, make_launcher, nvidia_visible, run_prepare
+from harness.params import applicable
+from harness.records import TrialReport, TrialResult
+from harness.sweep import outcome, pruning
+from harness.sweep.best import may_become_best, promote
 from harness.sweep.config import SweepConfig
 from harness.sweep.display import Display
 from harness.sweep.efficiency import RunClock
 from harness.sweep.storage import default_storage, fail_stale, heartbeat, redact, study_lock
 from harness.sweep.predict import StudyMemory
 from harness.sweep.study import counted_trials, create_study, enqueue_first, finished_count, record_result, suggest, trial_params
-from harness.sweep.wandb_check import remove_empty_runs, study_wandb_mode
+from harness.sweep.trackers import WandbTracker
+from harness.sweep.wandb_check import study_wandb_mode
 
 WAIT = "wait"
 
@@ -111,12 +117,12 @@ def _wandb_for_study(cfg: SweepConfig, study_dir: Path, console: Console) -> Swe
 
 def run_sweep(
     cfg: SweepConfig, sweep_dir: Path, results_dir: Path, console: Console | None = None,
-    gpus: list[int] | None = None, worker: bool = False,
+    gpus: list[int] | None = None, join: bool = False,
 ) -> int:
     """Run the study until it holds ``cfg.n_trials`` trials (or ``cfg.timeout`` passes); the
     number of trials this call ran.
 
-    With ``gpus``, one trial runs on each listed GPU at once. Several drivers (``harness worker``)
+    With ``gpus``, one trial runs on each listed GPU at once. Several drivers (``harness join``)
     may share one study through its storage; ``n_trials`` holds across all of them. Raises
     :class:`TrialsCannotRun` when a trial could not get to train after its retries.
     """
@@ -127,9 +133,9 @@ def run_sweep(
     write_json_atomic(study_dir / "study.json", {"study": cfg.study, "storage": redact(storage_url),
                                                   "sweep_dir": str(Path(sweep_dir).resolve())})
 
-    # Workers share a study: each samples with its own seed (its process id mixed in), so two
-    # workers started alike do not propose the same parameters.
-    study = create_study(cfg, storage_url, worker=os.getpid() if worker else 0)
+    # Drivers that join a shared study each sample with their own seed (the process id mixed in), so
+    # two started alike do not propose the same parameters.
+    study = create_study(cfg, storage_url, joiner=os.getpid() if join else 0)
     with study_lock(storage_url):
         enqueue_first(study, cfg)
     fail_stale(study)
@@ -145,13 +151,13 @@ def run_sweep(
                                    "eval_every": cfg.budget.eval_every, "text": cfg.budget.describe(),
                                    "seeds": cfg.seeds, "objective": cfg.objective.model_dump()})
     study.set_user_attr("memory_budget_mib", cfg.memory_budget_mib)
-    # The storage URL may hold a password: it goes to trial processes by environment only.
+    # The storage URL may hold a password: it stays in the driver (no worker talks to Optuna).
     write_json_atomic(study_dir / "sweep.json", cfg.model_dump(mode="json", exclude={"storage"}))
 
     start_method = default_start_method(cfg.device) if cfg.start_method == "auto" else cfg.start_method
     slots = _slots(gpus, cfg.gpus_per_trial)
-    launcher = make_launcher(start_method, study_dir, storage_url, slots, cfg.budget.hang_timeout_s,
-                             cfg.gpus_per_trial, cfg.worker_max_trials)
+    launcher = make_launcher(start_method, study_dir, slots, cfg.budget.hang_timeout_s, cfg.gpus_per_trial,
+                             cfg.worker_max_trials, cfg.device)
     driver_id = f"{socket.gethostname()}:{os.getpid()}"
     deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
     next_lock = threading.Lock()
@@ -189,17 +195,22 @@ def run_sweep(
                                  predicted_total_mib=round(prediction.total_mib, 1))
             if too_big:
                 # Infeasible without running: the sampler learns from it as from a real out-of-memory.
-                skipped = TrialResult(number=trial.number, outcome="predicted_oom", reason=too_big)
+                skipped = outcome.predicted_oom(trial.number, too_big)
                 skipped.metrics.update(**predicted)
                 record_result(study, trial, skipped, cfg.fault_tolerance.max_retries, driver_id, cfg.memory_budget_mib)
                 display.end_trial(slot, skipped, study, False)
                 counts["ran"] += 1
                 continue
             running[slot] = trial
-            with heartbeat(study, trial):
-                # The slot's next trial process gets ready while this one trains (standby).
-                result = launcher.run(trial.number, slot, lambda n, ev: display.on_event(slot, n, ev),
-                                      prefetch=counted_trials(study) < cfg.n_trials)
+            session = TrialSession(study, trial, cfg, params, slot, display, study_dir)
+            with heartbeat(study, trial), session.tracker:
+                run = launcher.run(trial.number, params, slot, session.on_event, session.on_ask,
+                                   more=counted_trials(study) < cfg.n_trials)
+                end = outcome.ProcessEnd(run.code, run.hung, cfg.budget.hang_timeout_s, run.reached_training,
+                                         launcher.name, run.log_tail)
+                result = outcome.decide(trial.number, run.report, end, cfg, session.pruned)
+                if result.outcome != "interrupted" and not stop.is_set():
+                    session.tracker.summarize({"outcome": result.outcome, **result.metrics.present()})
             running.pop(slot, None)
             if stop.is_set():
                 return
@@ -209,9 +220,8 @@ def run_sweep(
                     memory.learn(params, result.metrics.present())
             retried = record_result(study, trial, result, cfg.fault_tolerance.max_retries, driver_id, cfg.memory_budget_mib,
                                     cfg.objective.target)
+            write_text_atomic(study_dir / "trials" / str(trial.number) / "result.json", result.to_json())
             promote(study, study_dir, trial.number)
-            if result.outcome in ("crash", "hang", "infrastructure"):
-                remove_empty_runs(study_dir / "wandb")  # a killed trial's W&B run holds nothing
             display.end_trial(slot, result, study, retried)
             counts["ran"] += 1
             counts["trained"] += result.reached_training
@@ -225,20 +235,10 @@ def run_sweep(
     clock = RunClock(study, storage_url, gpus=len(slots) * cfg.gpus_per_trial, start_method=launcher.name,
                      trials=lambda: counts["ran"], resident=lambda: len(launcher.resident_slots))
     with clock, launcher:
-        if isinstance(launcher, WarmLauncher) and cfg.gpus_per_trial == 1 and nvidia_visible():
-            borrowed = len(launcher.resident_slots)
-            if borrowed == len(slots):
-                console.print("warm workers: resident (harness warm up), imports done", highlight=False)
-            else:
-                console.print(f"warm workers: {len(slots) - borrowed} of {len(slots)} slots start their own, which "
-                              "import and load for this study (`harness warm up --gpus ...` keeps workers between "
-                              "studies)", highlight=False)
+        for note in launcher.notes():
+            console.print(note, highlight=False)
         _prepare(cfg, study, sweep_dir, study_dir, console)
         launcher.prepared()
-        if isinstance(launcher, ForkLauncher):
-            with console.status("starting the trial fork server (imports unsloth once per study)"):
-                seconds = launcher.start_server(study_dir / "forkserver.log")
-            console.print(f"trial processes fork from a server that imported the training stack in {seconds:.1f}s")
         with Display(console, cfg.n_trials, done, list(slots)) as display:
             threads = [threading.Thread(target=slot_loop, args=(slot, display), name=f"slot-{slot}", daemon=True)
                        for slot in slots]
@@ -251,7 +251,7 @@ def run_sweep(
                 clock.stop()
             except KeyboardInterrupt:
                 stop.set()
-                _interrupt(study, launcher, running, study_dir, cfg, driver_id)
+                _interrupt(study, launcher, running, cfg, driver_id)
                 raise
     if cannot_run:
         r = cannot_run[0]
@@ -261,13 +261,67 @@ def run_sweep(
     return counts["ran"]
 
 
-def _interrupt(study: optuna.Study, launcher, running: dict[str, optuna.Trial], study_dir: Path, cfg: SweepConfig,
+def _interrupt(study: optuna.Study, launcher: Launcher, running: dict[str, optuna.Trial], cfg: SweepConfig,
                driver_id: str) -> None:
     """Ctrl-C: end the running trials and record them as interrupted (their parameters run again
     on the next run of the same command; they do not count towards n_trials)."""
     for trial in list(running.values()):
         launcher.kill(trial.number)
-        record_result(study, trial, TrialResult(number=trial.number, outcome="interrupted",
-                                                reason="interrupted by the user (Ctrl-C)"),
-                      max(1, cfg.fault_tolerance.max_retries), driver_id)
-    remove_empty_runs(study_dir / "wandb")
+        record_result(study, trial, outcome.interrupted(trial.number), max(1, cfg.fault_tolerance.max_retries), driver_id)
+
+
+class TrialSession:
+    """One trial as the driver follows it: the worker's events go to the live view and to the
+    trial's W&B run; its questions are answered here, with the study's whole history at hand."""
+
+    def __init__(self, study: optuna.Study, trial: optuna.Trial, cfg: SweepConfig, params: dict, slot: str,
+                 display: Display, study_dir: Path):
+        self.study, self.trial, self.cfg, self.slot, self.display = study, trial, cfg, slot, display
+        self.pruned: outcome.Pruning | None = None
+        seeds = [cfg.seed + i for i in range(cfg.seeds)]
+        # A full fine-tune has no LoRA rank, alpha, dropout or target modules: W&B shows them empty.
+        config = {**applicable(params), "model": cfg.model.name, "seed": cfg.seed, "seeds": seeds,
+                  "target_modules": cfg.model.target_modules if params.get("method", "lora") == "lora" else None,
+                  "max_seq_length": cfg.max_seq_length, "budget": cfg.budget.describe()}
+        self.tracker = WandbTracker(cfg.wandb, cfg.study, trial.number, config, study_dir / "wandb",
+                                    warn=lambda line: display.console.print(f"[yellow]{line}[/]", highlight=False))
+        fault = faults.planned(trial.number)
+        self.wandb_fault = fault if fault is not None and fault.kind == "wandb" else None
+
+    def on_event(self, number: int, message: dict) -> None:
+        kind = message["kind"]
+        if kind == "started":
+            # While it runs, which process runs the trial (a retry runs in another): what a person
+            # or a test needs to find it.
+            self.trial.set_user_attr("pid", message["pid"])
+        elif kind == "step" and self.wandb_fault is not None and message["step"] == self.wandb_fault.step:
+            self.tracker.fail_next(faults.disk_full())
+        self.display.on_event(self.slot, number, message)
+
+    def on_ask(self, number: int, message: dict) -> dict:
+        if message["kind"] == "eval":
+            return {"stop": self._at_validation(number, message)}
+        # "finished": whether its weights may become the study's best (only those are saved).
+        record = outcome.decide(number, TrialReport.from_dict(message["report"]),
+                                outcome.ProcessEnd(code=0, reached_training=True), self.cfg, self.pruned)
+        return {"save": record.outcome == "complete" and may_become_best(self.study, record.values or record.value)}
+
+    def _at_validation(self, number: int, message: dict) -> str | None:
+        """Report the milestone and decide: stop ("pruned", on the first seed's curve only, or
+        "converged", a time-to-target reached) or go on (None)."""
+        milestone, loss, first = int(message["milestone"]), float(message["val_loss"]), message["seed_index"] == 0
+        stop = None
+        if first:
+            decision = pruning.judge(self.trial, self.cfg, milestone, loss, message.get("tokens_per_s"),
+                                     message.get("peak_mem_mib"))
+            # One log per milestone, everything at once: W&B drops a step logged after a later one.
+            logged = {"val_loss": loss, "train_loss": message.get("train_loss"),
+                      "tokens_per_s": message.get("tokens_per_s")}
+            self.tracker.log({k: v for k, v in logged.items() if v is not None}, step=milestone)
+            if decision.prune:
+                self.pruned, stop = outcome.Pruning(decision.rule, decision.reason), "pruned"
+        if stop is None and self.cfg.objective.metric == "time_to_target" and loss <= self.cfg.objective.target:
+            stop = "converged"
+        self.display.on_event(self.slot, number, {**message, "prune": stop == "pruned",
+                                                  "seed": message["seed"] if self.cfg.seeds > 1 else None})
+        return stop

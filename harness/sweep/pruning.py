@@ -1,5 +1,8 @@
-"""Pruning in multi-objective studies, where Optuna's pruners do not work (``should_prune`` is
-single-objective only; optuna#3450). Two rules, checked at every evaluation milestone:
+"""Pruning, decided by the driver at each of a trial's validation milestones (:func:`judge`).
+
+A single-objective study asks its Optuna pruner (median, Hyperband). In a multi-objective study,
+where Optuna's pruners do not work (``should_prune`` is single-objective only; optuna#3450), two
+rules of the harness's own, checked at every evaluation milestone:
 
 1. **Loss at equal data** (as the median pruner does in a single-objective study): past
    ``n_warmup_steps`` and once ``n_startup_trials`` trials are complete, a trial whose validation
@@ -25,7 +28,8 @@ from dataclasses import dataclass
 import optuna
 
 from harness.sweep.best import feasible
-from harness.sweep.storage import curve
+from harness.sweep.config import SweepConfig
+from harness.sweep.storage import curve, report_intermediate
 
 SPEED, MEMORY, LOSS = "tokens_per_s", "peak_mem_mib", "val_loss"
 
@@ -111,3 +115,18 @@ def decide(study: optuna.Study, objectives: dict[str, str], milestone: int, loss
         if decision.prune:
             return decision
     return dominance_rule(finished, objectives, milestone, loss, tokens_per_s, peak_mem_mib)
+
+
+def judge(trial: optuna.Trial, cfg: SweepConfig, milestone: int, loss: float, tokens_per_s: float | None,
+          peak_mem_mib: float | None) -> Decision:
+    """Record ``trial``'s validation loss at ``milestone`` and decide whether it stops here: by the
+    study's Optuna pruner (one objective), else by the rules above (several objectives; dominance
+    is judged on the final validation loss, so not in a time-to-target study)."""
+    report_intermediate(trial, milestone, loss)
+    if not cfg.multi_objective:
+        return Decision(True, cfg.pruner.name) if trial.should_prune() else Decision(False)
+    if cfg.pruner.name == "none":
+        return Decision(False)
+    objectives = {o.metric: o.direction for o in cfg.all_objectives() if o.metric in (SPEED, MEMORY)}
+    return decide(trial.study, objectives if cfg.objective.metric == "val_loss" else {}, milestone, loss,
+                  tokens_per_s, peak_mem_mib, cfg.pruner.n_startup_trials, cfg.pruner.n_warmup_steps)

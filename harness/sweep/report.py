@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 def _dtype(annotation) -> pl.DataType:
     """The Polars type of a record field: whole numbers stay integers."""
+    if typing.get_origin(annotation) is typing.Literal:  # its arguments are its values
+        return pl.Utf8
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     base = args[0] if args else annotation
     if typing.get_origin(base) is list:
@@ -65,9 +67,8 @@ def trials_frame(study: optuna.Study) -> pl.DataFrame:
         row: dict[str, Any] = {name: t.user_attrs.get(name) for name in COLUMNS}
         row.update(number=t.number, state=t.state.name, feasible=feasible(t), enqueued=bool(t.user_attrs.get("enqueued")),
                    duration_s=t.duration.total_seconds() if t.duration else None, sweep_efficiency=efficiency)
-        if t.number in retried and not row["outcome"]:
-            row["outcome"] = "stale_retried"  # its driver died; a retry ran its parameters
-        row["outcome"] = row["outcome"] or t.state.name.lower()
+        if t.number in retried and not row["outcome"] and t.state == optuna.trial.TrialState.FAIL:
+            row["outcome"] = "stale"  # failed by an older version when its driver died: no record of its own
         method = row["method"] or t.params.get("method")
         # typed: a study begun by an older sweep file holds packing as true/false (params.LEGACY).
         for p, v in params.applicable({"method": method, **params.typed(t.params)}).items():

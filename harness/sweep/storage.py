@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import optuna
-from optuna.storages import fail_stale_trials
 from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.storages.journal import JournalFileBackend, JournalStorage
@@ -597,11 +596,6 @@ def curve(trial: optuna.trial.FrozenTrial) -> dict[int, float]:
     return {int(k): float(v) for k, v in trial.user_attrs.get(CURVE, {}).items()}
 
 
-def trial_handle(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> optuna.Trial:
-    """A live ``Trial`` for a trial another process asked for (to report to and ask the pruner)."""
-    return optuna.trial.Trial(study, frozen._trial_id)
-
-
 class _Heartbeat:
     """Beats ``trial_id``'s heartbeat every ``interval`` seconds from a background thread.
 
@@ -646,11 +640,34 @@ def heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
 
 
 def fail_stale(study: optuna.Study) -> None:
-    """Fail the RUNNING trials whose driver is gone (and queue their retries)."""
-    backend = getattr(study._storage, "_backend", study._storage)  # behind Optuna's cache
+    """Fail the RUNNING trials whose driver is gone and queue their retries: Optuna's
+    ``fail_stale_trials``, with each stale trial's record (outcome ``stale``, from
+    :func:`harness.sweep.outcome.stale`) written while it is still RUNNING (a finished trial takes
+    no more attributes). Two drivers that find the same trial stale write the same record; only one
+    fails it and queues its retry."""
+    from harness.sweep.outcome import stale
+
+    storage = study._storage
+    backend = getattr(storage, "_backend", storage)  # behind Optuna's cache
     if isinstance(backend, ResilientRDBStorage) and backend.recently_down():
         return
-    fail_stale_trials(study)
+    if not isinstance(storage, BaseHeartbeat) or not is_heartbeat_enabled(storage):
+        return
+    faults = getattr(backend, "faults", None)
+    failed = []
+    for trial_id in storage._get_stale_trial_ids(study._study_id):
+        try:
+            number = storage.get_trial(trial_id).number
+            for key, value in stale(number, faults.grace_s if faults else 0).user_attrs().items():
+                storage.set_trial_user_attr(trial_id, key, value)
+            if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                failed.append(trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another driver failed it first
+    callback = storage.get_heartbeat_stale_trial_callback()
+    if callback is not None:
+        for trial_id in failed:
+            callback(study, copy.deepcopy(storage.get_trial(trial_id)))
 
 
 _retry = optuna.storages.RetryHeartbeatStaleTrialCallback

@@ -1,7 +1,5 @@
-"""The Optuna side: sampler, pruner, and turning the search space into ``suggest_*`` calls.
-
-Used by the driver (which asks for trials) and by each trial process (which reports to its trial
-and asks the same pruner whether to stop), so both build them from the same config here.
+"""The Optuna side of the driver: sampler, pruner, the search space as ``suggest_*`` calls, what
+counts towards ``n_trials``, and a trial's record as its final Optuna state (:func:`record_result`).
 """
 
 from __future__ import annotations
@@ -24,7 +22,8 @@ warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to b
 
 
 def make_sampler(cfg: SweepConfig, seed: int | None = None) -> optuna.samplers.BaseSampler:
-    """``seed`` defaults to the study seed; workers pass their own so they do not all draw alike."""
+    """``seed`` defaults to the study seed; drivers joining one study pass their own so they do not
+    all draw alike."""
     s, seed = cfg.sampler, cfg.seed if seed is None else seed
     if s.name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -69,14 +68,14 @@ def trial_params(trial: optuna.trial.BaseTrial | optuna.trial.FrozenTrial, cfg: 
     return params.typed({**cfg.search_space.fixed(), **trial.params})
 
 
-def run_seed(study_seed: int, trials_so_far: int, worker: int = 0) -> int:
+def run_seed(study_seed: int, trials_so_far: int, joiner: int = 0) -> int:
     """The sampler's seed for one run of the driver: derived from the study's seed and how many
-    trials the study already holds (and the worker, when several share it), so a resumed study
-    draws new parameters instead of replaying the first run's, and stays reproducible."""
-    return (study_seed * 1_000_003 + trials_so_far * 7919 + worker) % 2**32
+    trials the study already holds (and the joining driver, when several share it), so a resumed
+    study draws new parameters instead of replaying the first run's, and stays reproducible."""
+    return (study_seed * 1_000_003 + trials_so_far * 7919 + joiner) % 2**32
 
 
-def create_study(cfg: SweepConfig, storage_url: str, worker: int = 0) -> optuna.Study:
+def create_study(cfg: SweepConfig, storage_url: str, joiner: int = 0) -> optuna.Study:
     """The driver's handle on the study: with heartbeats, so dead drivers' trials get retried, and
     a sampler seeded for this run (:func:`run_seed`)."""
     storage = make_storage(storage_url, cfg.fault_tolerance)
@@ -86,7 +85,7 @@ def create_study(cfg: SweepConfig, storage_url: str, worker: int = 0) -> optuna.
     study.set_metric_names([o.metric for o in objectives])  # so optuna-dashboard labels the axes
     if cfg.multi_objective:
         study.set_user_attr("prefer", cfg.preferred_index())  # which value picks best/ from the front
-    seed = run_seed(cfg.seed, len(study.get_trials(deepcopy=False)), worker)
+    seed = run_seed(cfg.seed, len(study.get_trials(deepcopy=False)), joiner)
     return optuna.load_study(study_name=cfg.study, storage=storage, sampler=make_sampler(cfg, seed),
                              pruner=make_pruner(cfg))
 
@@ -99,12 +98,6 @@ def enqueue_first(study: optuna.Study, cfg: SweepConfig) -> int:
     for config in cfg.enqueue:
         study.enqueue_trial(dict(config), user_attrs={"enqueued": True}, skip_if_exists=True)
     return len(cfg.enqueue)
-
-
-def load_study(cfg: SweepConfig, storage_url: str) -> optuna.Study:
-    return optuna.load_study(
-        study_name=cfg.study, storage=make_storage(storage_url), sampler=make_sampler(cfg), pruner=make_pruner(cfg),
-    )
 
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)

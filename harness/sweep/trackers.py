@@ -1,14 +1,15 @@
-"""Trackers are context managers around a trial's work. W&B is optional and never fails a trial."""
+"""Trackers are context managers around a trial, kept by the driver: the worker streams its
+milestones and the driver logs them. W&B is optional and never fails a trial."""
 
 from __future__ import annotations
 
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from harness.sweep.config import WandbConfig
-from harness.sweep.wandb_check import trial_mode, wandb_mode  # noqa: F401  (wandb_mode: moved there)
+from harness.sweep.wandb_check import trial_mode
 
 
 class WandbTracker:
@@ -25,8 +26,10 @@ class WandbTracker:
     init_timeout_s = 60.0  # W&B's own limit on reaching its service (and, online, the server)
     wait_s = init_timeout_s + 30.0  # ours, on top: a W&B that hangs past its own limit is dropped
 
-    def __init__(self, cfg: WandbConfig, study: str, trial_number: int, config: dict[str, Any], run_dir: Path):
+    def __init__(self, cfg: WandbConfig, study: str, trial_number: int, config: dict[str, Any], run_dir: Path,
+                 warn: Callable[[str], None] | None = None):
         self.cfg, self.study, self.number, self.config, self.run_dir = cfg, study, trial_number, config, run_dir
+        self.warn = warn or (lambda line: print(line, file=sys.stderr))
         self.run = None
         self._injected: BaseException | None = None
         # What the init thread hands over, under the lock: the run or the error, once it is done.
@@ -38,7 +41,7 @@ class WandbTracker:
         self._init_error: BaseException | None = None
 
     def fail_next(self, err: BaseException) -> None:
-        """Test hook (harness.worker.faults): the next W&B call raises ``err``, as a full disk would."""
+        """Test hook (harness.faults): the next W&B call raises ``err``, as a full disk would."""
         self._injected = err
 
     def _raise_injected(self) -> None:
@@ -47,7 +50,8 @@ class WandbTracker:
             raise err
 
     def _off(self, what: str, err: BaseException) -> None:
-        print(f"warning: W&B {what} failed, continuing without it: {type(err).__name__}: {err}", file=sys.stderr)
+        self.warn(f"warning: W&B {what} for trial {self.number} failed, continuing without it: "
+                  f"{type(err).__name__}: {err}")
         self.run = None
 
     def __enter__(self) -> "WandbTracker":

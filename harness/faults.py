@@ -11,10 +11,13 @@ segfault    the process reads address 0 (a real segmentation fault)
 nan         a trainable weight becomes NaN: the next step's loss is NaN and the trial stops
 hang        the process sleeps forever: the driver kills it after ``budget.hang_timeout_s``
 oom         the process asks its device for 64 TiB: a real allocator failure (out of memory)
-wandb       W&B's next call raises "No space left on device": W&B turns off, the trial goes on
+wandb       the trial's W&B run (kept by the driver) raises "No space left on device" at its next
+            call: W&B turns off for that trial, the trial goes on
 ==========  ===================================================================================
 
 Nothing happens unless the variable is set. The fault suite (tests/test_faults.py) drives it.
+The worker injects every kind but ``wandb``, which the driver injects into its tracker
+(``harness.sweep.trackers``). Torch is imported only to inject.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ def planned(trial_number: int, spec: str | None = None) -> Fault | None:
     return None
 
 
-def inject(fault: Fault, model, device: str, tracker) -> None:
+def inject(fault: Fault, model, device: str) -> None:
+    """In the worker: make ``fault`` happen now (``wandb`` is the driver's: nothing here)."""
     import torch
 
     if fault.kind == "sigkill":
@@ -63,5 +67,8 @@ def inject(fault: Fault, model, device: str, tracker) -> None:
             time.sleep(3600)
     elif fault.kind == "oom":
         torch.empty(1 << 46, dtype=torch.uint8, device=device)
-    elif fault.kind == "wandb":
-        tracker.fail_next(OSError(errno.ENOSPC, "No space left on device"))
+
+
+def disk_full() -> OSError:
+    """What the ``wandb`` fault raises in the trial's W&B run."""
+    return OSError(errno.ENOSPC, "No space left on device")
