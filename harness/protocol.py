@@ -7,7 +7,8 @@ Each message is ``{"kind": KIND, ...fields}``. In a study's order:
 
 driver → worker
   ``study``    ``study_dir``, ``env``: the study this worker now serves, and the environment its
-               trials run in (no storage URL: a worker never talks to Optuna). Always first.
+               trials run in (no storage URL: a worker never talks to Optuna); ``fork``: how it
+               wants trials run (a resident worker of the other mode answers ``refused``). Always first.
   ``preload``  load the study's base now, before the first trial (warm workers).
   ``trial``    ``number``, ``params``, ``started_at`` (the driver's time.time() at hand-over), ``log``.
   ``answer``   the reply to an ``eval`` (``stop``: null, ``"pruned"`` or ``"converged"``) or to a

@@ -14,10 +14,29 @@ os.environ.update(HF_HUB_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1", WANDB_MODE
 
 
 @pytest.fixture(scope="session")
-def harness_cache(tmp_path_factory) -> Path:
-    """A fresh cache per test session: the embedded model and corpus are built on first use."""
+def harness_cache(tmp_path_factory):
+    """A fresh cache per test session (the embedded model and corpus are built on first use), and
+    one resident worker on it (``harness warm up``: fork mode, the CPU default) that every study of
+    the session borrows when it is idle: importing unsloth costs ~15 s on two cores, and studies
+    are many. Studies are the same with or without it: each trial is a fresh fork either way."""
     path = tmp_path_factory.mktemp("harness-cache")
     os.environ["HARNESS_CACHE"] = str(path)
+    up = run_cli("warm", "up", "--timeout", "300")
+    assert up.returncode == 0, up.stdout + up.stderr
+    yield path
+    run_cli("warm", "down")
+
+
+@pytest.fixture
+def private_cache(harness_cache, tmp_path, monkeypatch) -> Path:
+    """A cache of the test's own, so no resident worker serves its studies (resident workers are
+    per cache), with the session's models, tokens and corpus linked in (nothing is built again)."""
+    path = tmp_path / "cache"
+    path.mkdir()
+    for name in ("models", "tokens", "corpus"):
+        (harness_cache / name).mkdir(exist_ok=True)
+        (path / name).symlink_to(harness_cache / name)
+    monkeypatch.setenv("HARNESS_CACHE", str(path))
     return path
 
 

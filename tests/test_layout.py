@@ -1,5 +1,7 @@
-"""The package's layout keeps its promises: the driver's side never imports the training stack."""
+"""The package's layout keeps its promises: the driver's side never imports the training stack,
+and a worker never reaches past records and configs into the driver's side."""
 
+import ast
 import subprocess
 import sys
 
@@ -9,7 +11,35 @@ TORCH_FREE = ["harness.cli", "harness.params", "harness.records", "harness.error
               "harness.sweep.config", "harness.sweep.study", "harness.sweep.storage", "harness.sweep.driver",
               "harness.sweep.display", "harness.sweep.report", "harness.sweep.plots", "harness.sweep.best",
               "harness.sweep.wandb_check", "harness.launch", "harness.bench.runner", "harness.sweep.predict",
-              "harness.sweep.pruning", "harness.sweep.efficiency"]
+              "harness.sweep.pruning", "harness.sweep.efficiency", "harness.sweep.outcome", "harness.sweep.trackers",
+              "harness.protocol", "harness.faults", "harness.launch.resident", "harness.launch.workers",
+              "harness.launch.launcher"]
+
+
+def _imports(path) -> set[str]:
+    """Every module ``path`` imports, at its top or inside functions."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+def test_a_worker_imports_no_driver_side_module_and_never_sees_the_storage():
+    """Imports flow one way: harness/worker takes records, configs and the protocol, nothing of
+    the launcher or the study; no worker module names the storage URL or imports Optuna."""
+    allowed = {"harness.sweep.config"}
+    for path in sorted((ROOT / "harness" / "worker").glob("*.py")):
+        for name in _imports(path):
+            if name.startswith(("harness.sweep", "harness.launch")):
+                assert name in allowed, f"{path.name} imports {name}"
+            assert not name.startswith("optuna"), f"{path.name} imports {name}"
+        text = path.read_text()
+        for word in ("STORAGE_URL", "storage_url", "make_storage"):
+            assert word not in text, f"{path.name} mentions {word}"
 
 
 def test_the_sweep_launch_and_bench_driver_modules_import_without_torch():

@@ -1,10 +1,11 @@
-"""Resident warm workers (``harness warm up``), on CPU: studies borrow them and give them back with
-the base kept; their trials' numbers equal those of trials in their own processes; a busy one is
-not shared; a killed driver takes the trial's worker with it and the supervisor starts another;
-``harness warm down`` leaves no process behind."""
+"""Resident workers (``harness warm up``), on CPU: studies borrow them and give them back (a warm
+one with its base kept); their trials' numbers equal those of trials in a study's own workers; a
+busy one is not shared; a silent client does not block one; a killed driver takes a warm trial's
+worker with it and the supervisor starts another; ``harness warm down`` leaves no process."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -35,8 +36,9 @@ def _study(tmp_path, name: str) -> optuna.Study:
 
 
 @pytest.fixture
-def resident_up(harness_cache):
-    up = run_cli("warm", "up", "--timeout", "240")
+def warm_resident(private_cache):
+    """A warm-mode resident worker (the GPU default) on a cache of the test's own."""
+    up = run_cli("warm", "up", "--mode", "warm", "--timeout", "240")
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         assert "cpu: started, idle" in up.stdout
@@ -45,11 +47,23 @@ def resident_up(harness_cache):
         run_cli("warm", "down")
 
 
-def test_studies_borrow_a_resident_worker_and_get_the_same_numbers(tmp_path, resident_up):
-    worker_pid = resident_up.worker["pid"]
-    for name, method in (("first", "warm"), ("second", "warm"), ("own", "fork")):
-        out = run_cli("run", _sweep(tmp_path, name, n_trials=3, start_method=method), "--results-dir", str(tmp_path / "r"))
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+@pytest.mark.slow
+def test_studies_borrow_a_resident_worker_and_get_the_same_numbers(tmp_path, warm_resident):
+    worker_pid = warm_resident.worker["pid"]
+    assert warm_resident.worker["mode"] == "warm"
+    # A silent client (a stray connection) is dropped after a few seconds: it blocks no study.
+    stray = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    from harness.launch.resident import log_path, socket_path
+
+    stray.connect(str(socket_path("cpu")))
+    try:
+        for name, method in (("first", "warm"), ("second", "warm"), ("own", "fork")):
+            out = run_cli("run", _sweep(tmp_path, name, n_trials=3, start_method=method), "--results-dir",
+                          str(tmp_path / "r"))
+            assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    finally:
+        stray.close()
+    assert "dropped a client that sent nothing" in log_path("cpu").read_text()
     first, second, own = (_study(tmp_path, n) for n in ("first", "second", "own"))
     trials = first.trials + second.trials
     # One process ran both studies' trials, the base loaded once (the first study's preload) and
@@ -58,6 +72,8 @@ def test_studies_borrow_a_resident_worker_and_get_the_same_numbers(tmp_path, res
     assert [t.user_attrs["worker_trial"] for t in trials] == list(range(1, 7))
     assert all(t.user_attrs["resident_worker"] is True and t.user_attrs["base_reused"] is True for t in trials)
     assert trials[0].user_attrs["preimport_s"] > 0 and all("preimport_s" not in t.user_attrs for t in trials[1:])
+    # The fork study did not borrow the warm resident worker: its own worker forked each trial.
+    assert all("resident_worker" not in t.user_attrs and t.user_attrs["start_method"] == "fork" for t in own.trials)
     by_params = {tuple(sorted(t.params.items())): t for t in own.trials}
     for t in trials:
         twin = by_params[tuple(sorted(t.params.items()))]
@@ -69,9 +85,9 @@ def test_studies_borrow_a_resident_worker_and_get_the_same_numbers(tmp_path, res
     assert _status()["cpu"].worker["studies"] == 2
 
     # A resident worker serves one study at a time: while another holds it, a study starts its own.
-    from harness.launch.warm import ResidentWorker
+    from harness.launch.workers import ResidentWorker
 
-    holder = ResidentWorker.borrow("cpu", tmp_path, dict(os.environ))
+    holder = ResidentWorker.borrow("cpu", tmp_path, dict(os.environ), fork=False)
     assert holder is not None and holder.pid == worker_pid
     try:
         out = run_cli("run", _sweep(tmp_path, "busy", n_trials=2, start_method="warm"), "--results-dir", str(tmp_path / "r"))
@@ -85,8 +101,9 @@ def test_studies_borrow_a_resident_worker_and_get_the_same_numbers(tmp_path, res
     assert wait_for(lambda: _status()["cpu"].state == "idle", 30)
 
 
-def test_a_killed_driver_ends_its_trial_and_the_worker_is_replaced(tmp_path, resident_up):
-    worker_pid, supervisor = resident_up.worker["pid"], resident_up.supervisor
+@pytest.mark.slow
+def test_a_killed_driver_ends_its_trial_and_the_worker_is_replaced(tmp_path, warm_resident):
+    worker_pid, supervisor = warm_resident.worker["pid"], warm_resident.supervisor
     sweep = _sweep(tmp_path, "hung", n_trials=2, start_method="warm")
     env = dict(os.environ, HARNESS_FAULTS="0:hang@2")
     driver = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", sweep, "--results-dir", str(tmp_path / "r")],
@@ -132,7 +149,7 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-def test_warm_up_rejects_bad_input(harness_cache):
+def test_warm_up_rejects_bad_input():
     out = run_cli("warm", "up", "--gpus", "0,1")  # no NVIDIA device on the test machine
     assert out.returncode == 2 and "--gpus 0,1" in out.stdout
     out = run_cli("warm", "up", "--max-trials", "0")

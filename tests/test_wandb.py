@@ -1,14 +1,12 @@
-"""W&B without a network: the once-per-study mode check, the background start of a trial's run,
-and the clean-up after a killed trial. Real W&B SDK, real sockets, real processes."""
+"""W&B without a network: the once-per-study mode check, and the background start of each trial's
+run in the driver. Real W&B SDK, real sockets."""
 
 from __future__ import annotations
 
 import http.server
 import os
-import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -18,8 +16,8 @@ import pytest
 
 from conftest import wait_for
 from harness.sweep.config import WandbConfig
-from harness.sweep.wandb_check import remove_empty_runs, study_wandb_mode, trial_mode
-from harness.worker.trackers import WandbTracker
+from harness.sweep.trackers import WandbTracker
+from harness.sweep.wandb_check import study_wandb_mode, trial_mode
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # the shape of a W&B key; no server knows it
 
@@ -201,8 +199,9 @@ def test_tracker_starts_the_run_on_another_thread_and_writes_it(wandb_env, tmp_p
     assert kinds[-1] == "exit" and records[-1].exit.exit_code == 0
 
 
-def test_study_fallback_holds_in_the_trial(wandb_env, tmp_path):
-    """The driver wrote offline; the trial inherits WANDB_MODE=online and a key: still offline, at once."""
+def test_study_fallback_holds_for_each_trial(wandb_env, tmp_path):
+    """The study fell back to offline; WANDB_MODE=online and a key in the environment: each trial's
+    run is still offline, at once."""
     wandb_env.setenv("WANDB_MODE", "online")
     wandb_env.setenv("WANDB_API_KEY", FAKE_KEY)
     wandb_env.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{free_port()}")
@@ -214,14 +213,15 @@ def test_study_fallback_holds_in_the_trial(wandb_env, tmp_path):
 
 
 def test_a_failing_wandb_call_turns_the_tracker_off(wandb_env, tmp_path, capsys):
-    """The fault hook (harness.worker.faults 'wandb') still acts on the next call after a background init."""
+    """The fault hook (harness.faults 'wandb') still acts on the next call after a background init."""
     run_dir = tmp_path / "wandb"
     with WandbTracker(WandbConfig(mode="offline"), "study", 1, {}, run_dir) as tracker:
         tracker.fail_next(OSError(28, "No space left on device"))
         tracker.log({"val_loss": 2.0}, step=1)
         assert tracker.run is None
         tracker.summarize({"val_loss": 2.0})  # off: nothing happens, nothing raises
-    assert "W&B log failed, continuing without it: OSError: [Errno 28] No space left on device" in capsys.readouterr().err
+    assert ("W&B log for trial 1 failed, continuing without it: OSError: [Errno 28] No space left on device"
+            in capsys.readouterr().err)
 
 
 def test_a_failing_init_never_fails_the_trial(wandb_env, tmp_path, capsys):
@@ -238,60 +238,3 @@ def test_disabled_starts_nothing(wandb_env, tmp_path):
     with WandbTracker(WandbConfig(mode="disabled"), "study", 1, {}, tmp_path / "wandb") as tracker:
         tracker.log({"val_loss": 2.0}, step=1)
     assert tracker.run is None and not (tmp_path / "wandb").exists()
-
-
-# --- remove_empty_runs ------------------------------------------------------------------------
-
-
-def test_remove_empty_runs(tmp_path):
-    wandb_dir = tmp_path / "wandb"
-    runs = wandb_dir / "wandb"
-
-    def run(name: str, content: bytes) -> Path:
-        (runs / name / "logs").mkdir(parents=True)
-        path = runs / name / f"run-{name[-4:]}.wandb"
-        path.write_bytes(content)
-        return path
-
-    run("offline-run-1-aaaa", b"")  # killed before anything was written
-    run("offline-run-2-bbbb", b":W&B\xe1\xbe\x00")  # killed before the first flush: the header alone
-    kept = run("offline-run-3-cccc", b":W&B\xe1\xbe\x00" + b"\x00" * 100)
-    live = run("offline-run-4-dddd", b"")  # another trial's run, still being written
-    (runs / "latest-run").symlink_to(runs / "offline-run-1-aaaa")
-    with live.open("ab"):
-        assert remove_empty_runs(wandb_dir, grace_s=0.2) == 2
-    assert sorted(p.name for p in runs.iterdir()) == ["offline-run-3-cccc", "offline-run-4-dddd"]  # link gone
-    assert kept.exists() and live.exists()
-    assert remove_empty_runs(wandb_dir) == 1  # closed now
-    assert remove_empty_runs(tmp_path / "missing") == 0
-
-
-TRIAL = """
-import sys, wandb
-run = wandb.init(project="p", dir=sys.argv[1], mode="offline", settings=wandb.Settings(console="off", silent=True))
-for step in range(3):
-    run.log({"val_loss": 1.0}, step=step)
-print("training", flush=True)
-sys.stdin.read()
-"""
-
-
-def test_a_killed_trial_leaves_no_empty_run(tmp_path):
-    """SIGKILL (the driver's Ctrl-C or hang kill) mid-run: W&B had not flushed a record."""
-    wandb_dir = tmp_path / "wandb"
-    # Its own W&B service, as a trial has: one this process started would outlive the kill.
-    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "WANDB_MODE": "offline"}
-    proc = subprocess.Popen([sys.executable, "-c", TRIAL, str(wandb_dir)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        assert proc.stdout.readline() == "training\n"
-        [path] = offline_runs(wandb_dir)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    if path.stat().st_size > 7:
-        pytest.skip("this W&B flushed records before the kill: nothing empty to remove")
-    # Called at once: W&B's service process still holds the file a moment, remove_empty_runs waits.
-    assert remove_empty_runs(wandb_dir) == 1
-    assert not list(wandb_dir.rglob("*.wandb"))
-    assert not [p for p in wandb_dir.rglob("*") if p.is_symlink() and not p.exists()], "dangling W&B links"

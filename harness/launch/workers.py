@@ -210,7 +210,7 @@ class ResidentWorker(WorkerHandle):
         except OSError:
             return None
         try:
-            channel.send("study", study_dir=str(study_dir), env=env)
+            channel.send("study", study_dir=str(study_dir), env=env, fork=fork)
             ready = channel.recv(BORROW_TIMEOUT_S)
         except Closed:
             ready = None

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import optuna
 from rich.console import Console
+from rich.markup import escape
 
 from harness import faults
 from harness.errors import HarnessError, TrialsCannotRun
@@ -209,7 +210,8 @@ def run_sweep(
                 end = outcome.ProcessEnd(run.code, run.hung, cfg.budget.hang_timeout_s, run.reached_training,
                                          launcher.name, run.log_tail)
                 result = outcome.decide(trial.number, run.report, end, cfg, session.pruned)
-                if result.outcome != "interrupted" and not stop.is_set():
+                session.tracker.failed = result.state == "fail"
+                if not stop.is_set():
                     session.tracker.summarize({"outcome": result.outcome, **result.metrics.present()})
             running.pop(slot, None)
             if stop.is_set():
@@ -283,10 +285,16 @@ class TrialSession:
         config = {**applicable(params), "model": cfg.model.name, "seed": cfg.seed, "seeds": seeds,
                   "target_modules": cfg.model.target_modules if params.get("method", "lora") == "lora" else None,
                   "max_seq_length": cfg.max_seq_length, "budget": cfg.budget.describe()}
-        self.tracker = WandbTracker(cfg.wandb, cfg.study, trial.number, config, study_dir / "wandb",
-                                    warn=lambda line: display.console.print(f"[yellow]{line}[/]", highlight=False))
+        self.log = study_dir / "trials" / str(trial.number) / "log.txt"
+        self.tracker = WandbTracker(cfg.wandb, cfg.study, trial.number, config, study_dir / "wandb", warn=self.warn)
         fault = faults.planned(trial.number)
         self.wandb_fault = fault if fault is not None and fault.kind == "wandb" else None
+
+    def warn(self, line: str) -> None:
+        """On the console, and in the trial's log, where its story is told."""
+        self.display.console.print(f"[yellow]{escape(line)}[/]", highlight=False)
+        with self.log.open("a") as f:
+            f.write(line + "\n")
 
     def on_event(self, number: int, message: dict) -> None:
         kind = message["kind"]

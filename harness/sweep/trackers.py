@@ -31,6 +31,7 @@ class WandbTracker:
         self.cfg, self.study, self.number, self.config, self.run_dir = cfg, study, trial_number, config, run_dir
         self.warn = warn or (lambda line: print(line, file=sys.stderr))
         self.run = None
+        self.failed = False  # the trial failed: its run ends with exit code 1
         self._injected: BaseException | None = None
         # What the init thread hands over, under the lock: the run or the error, once it is done.
         self._thread: threading.Thread | None = None
@@ -124,6 +125,6 @@ class WandbTracker:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._ready():
             try:
-                self.run.finish(exit_code=0 if exc_type is None else 1)
+                self.run.finish(exit_code=1 if exc_type is not None or self.failed else 0)
             except Exception as err:  # noqa: BLE001
                 self._off("finish", err)

@@ -1,11 +1,9 @@
-"""W&B decisions the driver takes once per study, and the clean-up after a killed trial.
+"""The W&B decision the driver takes once per study.
 
 * :func:`study_wandb_mode`: which mode every trial of the study uses. When the mode comes out
   ``online`` but the W&B server does not answer (a cluster node without internet, with a key in
   its environment), the study falls back to ``offline`` with one warning, instead of every trial
   waiting a minute for ``wandb.init`` to time out.
-* :func:`remove_empty_runs`: a trial killed while W&B was starting leaves a run file with no
-  record in it; this removes such files (and their run folders) so ``wandb sync`` sees only runs.
 
 This module is part of the torch-free driver and never imports wandb: the mode is decided from the
 environment, a netrc file and one HTTP request.
@@ -17,10 +15,8 @@ import configparser
 import netrc
 import os
 import shlex
-import shutil
 import ssl
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -29,11 +25,6 @@ from harness.sweep.config import WandbConfig
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 MODES = ("online", "offline", "disabled")  # most to least online
-
-# A .wandb file starts with a 7-byte header (":W&B", a magic number, a version); the records follow.
-# W&B buffers records (flushed in blocks and at the end), so a killed run may leave the header alone
-# or nothing at all.
-_HEADER_BYTES = 7
 
 
 def base_url() -> str:
@@ -140,64 +131,3 @@ def study_wandb_mode(cfg: WandbConfig, run_dir: Path, timeout_s: float = 5.0) ->
     sync_dir = shlex.quote(str(Path(run_dir) / "wandb"))
     return "offline", (f"warning: the W&B server {_host(url)} is not reachable ({why}); this study's W&B runs "
                        f"are written offline. Upload them later with: wandb sync {sync_dir}")
-
-
-def _held_open(paths: set[Path]) -> set[Path]:
-    """Those of ``paths`` that a running process has open: a live run (another trial's, in a
-    parallel slot) whose records W&B has not flushed yet looks empty too, and must be kept."""
-    import psutil  # only needed here: after a killed trial
-
-    held: set[Path] = set()
-    for proc in psutil.process_iter(["open_files"]):
-        for f in proc.info.get("open_files") or ():  # None where access is denied
-            path = Path(f.path)
-            if path in paths:
-                held.add(path)
-    return held
-
-
-def remove_empty_runs(wandb_dir: Path, grace_s: float = 2.0) -> int:
-    """Remove the W&B run files under ``wandb_dir`` that hold no record; return how many.
-
-    Call it after killing a trial (Ctrl-C, a hang): a trial killed before W&B flushed anything
-    leaves a ``.wandb`` file of 0 bytes or of the 7-byte header alone: nothing ``wandb sync`` could
-    upload. A run folder (``offline-run-*``, ``run-*``) left with no run file is removed with it.
-    Files some process still has open are kept: the killed trial's W&B service exits within a
-    moment (waited for up to ``grace_s``), while a parallel trial's live run keeps its file open.
-    """
-    wandb_dir = Path(wandb_dir)
-    empty: set[Path] = set()
-    # os.walk does not follow symlinks: W&B's "latest-run" link would list a run twice.
-    for root, _dirs, files in os.walk(wandb_dir):
-        for name in files:
-            path = Path(root, name)
-            if not name.endswith(".wandb") or path.is_symlink():
-                continue
-            try:
-                if path.stat().st_size <= _HEADER_BYTES:
-                    empty.add(path.resolve())  # resolved: compared with the paths processes hold open
-            except OSError:
-                pass  # removed meanwhile
-    if not empty:
-        return 0
-    deadline = time.monotonic() + grace_s
-    while (held := _held_open(empty)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    removed, parents = 0, set()
-    for path in sorted(empty - held):
-        try:
-            if path.stat().st_size > _HEADER_BYTES:
-                continue  # records arrived meanwhile: a live run after all
-            path.unlink()
-        except OSError:
-            continue
-        removed += 1
-        run = path.parent
-        if run.name.startswith(("offline-run-", "run-")) and not any(run.glob("*.wandb")):
-            shutil.rmtree(run, ignore_errors=True)
-            parents.add(run.parent)
-    # W&B's links to the latest run ("latest-run", "debug.log", ...) may now point at a removed folder.
-    for link in (p for parent in parents for p in parent.iterdir()):
-        if link.is_symlink() and not link.exists():
-            link.unlink(missing_ok=True)
-    return removed

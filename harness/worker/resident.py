@@ -10,7 +10,8 @@ model. (In fork mode, on CPU hosts, it keeps only the import: every trial is a f
 It listens on a Unix socket (mode 0600, in a folder only its user may enter). A client has
 :data:`HELLO_TIMEOUT_S` to send its first line: ``{"kind": "study", ...}`` (a study borrowing it,
 served as a study's own worker is, :func:`harness.worker.serve.serve_study`, until the client
-closes the connection) or ``{"kind": "status"}`` (one line about the worker). A client that says
+closes the connection; refused when it asks for the other mode, fork or warm) or ``{"kind":
+"status"}`` (one line about the worker). A client that says
 nothing in time, or something else, is dropped with a log line: a stray connection never blocks
 the worker.
 
@@ -31,7 +32,7 @@ from harness.protocol import Channel, Closed, listen
 from harness.worker.serve import serve_study
 from harness.worker.trial import DriverGone, WorkerState
 
-HELLO_TIMEOUT_S = 10.0  # a study's launcher sends its first line as soon as it connects
+HELLO_TIMEOUT_S = 5.0  # a study's launcher sends its first line as soon as it connects
 
 
 def serve_resident(socket_path: Path, worker: WorkerState, fork: bool) -> int:
@@ -60,6 +61,9 @@ def serve_resident(socket_path: Path, worker: WorkerState, fork: bool) -> int:
                     channel.send("status", pid=os.getpid(), trials=worker.trials, studies=studies, base=base,
                                  mode="fork" if fork else "warm", preimport_s=round(worker.preimport_s or 0, 3),
                                  up_s=round(time.time() - started, 1))
+                    continue
+                if bool(first.get("fork", fork)) != fork:  # the study runs its trials the other way
+                    channel.send("refused", why=f"this resident worker runs {'fork' if fork else 'warm'} trials")
                     continue
                 studies += 1
                 print(f"[harness] serving {first.get('study_dir')}", flush=True)
