@@ -10,7 +10,7 @@ export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 W
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "
 import time; t=time.time()
-from harness.data.prepare import build_preset
+from harness.worker.prepare import build_preset
 print('model', build_preset('mistral-7b-v0.3', 0), 'built in %.1fs' % (time.time()-t))" 2>&1 | grep -v Warning | tail -2
 timeout "${BENCH_TIMEOUT:-330}" python3 -m harness.cli bench bench/mistral7b.yaml --repeats "${REPEATS:-1}" \
   --out /tmp/bench --save-baseline "$OUT/mistral7b-baseline.json" 2>&1 | grep -v '^\[' | tee "$OUT/bench.log"

@@ -11,7 +11,7 @@ python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 WANDB_MODE=offline \
   HARNESS_CACHE=/tmp/hcache PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "from harness.data.prepare import build_preset; build_preset('mistral-7b-v0.3', 0)" >/dev/null 2>&1
+python3 -c "from harness.worker.prepare import build_preset; build_preset('mistral-7b-v0.3', 0)" >/dev/null 2>&1
 nvidia-smi --query-compute-apps=timestamp,pid,used_memory --format=csv,noheader -l 1 > "$OUT/gpu-apps.csv" &
 timeout 240 python3 -m harness.cli run sweeps/mistral7b-packed.yaml --n-trials 3 --results-dir /tmp/res 2>&1 | tail -5
 python3 -c "

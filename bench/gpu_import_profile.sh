@@ -16,7 +16,7 @@ pr = cProfile.Profile(); pr.enable()
 import unsloth
 pr.disable(); s = io.StringIO(); pstats.Stats(pr, stream=s).sort_stats('cumulative').print_stats(60); print(s.getvalue())
 " > "$OUT/import_profile.txt" 2>&1
-python3 -c "from harness.data.prepare import build_preset; build_preset('mistral-7b-v0.3', 0)" >/dev/null 2>&1
+python3 -c "from harness.worker.prepare import build_preset; build_preset('mistral-7b-v0.3', 0)" >/dev/null 2>&1
 timeout 150 python3 bench/standalone_unsloth.py /tmp/hcache/models/mistral-7b-v0.3-seed0 2>&1 | tail -1 | tee "$OUT/standalone.json"
 timeout 200 python3 -m harness.cli run sweeps/mistral7b-packed.yaml --results-dir /tmp/res 2>&1 | tail -3
 cp /tmp/res/mistral7b-packed/trials/0/result.json "$OUT/trial.json" 2>/dev/null

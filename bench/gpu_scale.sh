@@ -11,7 +11,7 @@ export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 W
   HARNESS_CACHE=/tmp/hcache PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpus.txt"
 (python3 -c "import unsloth" >/dev/null 2>&1 &)   # warm the bytecode cache meanwhile
-python3 -c "from harness.data.prepare import build_preset; build_preset('mistral-7b-v0.3', 0)" >/dev/null 2>&1
+python3 -c "from harness.worker.prepare import build_preset; build_preset('mistral-7b-v0.3', 0)" >/dev/null 2>&1
 for k in 2 4; do
   sed "s/^n_trials: 4/n_trials: 1\ngpus_per_trial: $k/; s/^study: scale7b/study: ddp$k/" sweeps/scale7b.yaml > "sweeps/ddp$k-tmp.yaml"
 done

@@ -164,7 +164,7 @@ def worker(index: int, todo, done, prepared_json: str, args) -> None:
 def run(args) -> int:
     import multiprocessing as mp
 
-    from harness.data.prepare import prepare
+    from harness.worker.prepare import prepare
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,7 @@ def run(out: Path, models: list[str]) -> None:
     import numpy as np
     import torch
 
-    from harness.data.prepare import build_preset
+    from harness.worker.prepare import build_preset
     from harness.params import TrainParams
     from harness.worker import loop as T
     from harness.worker.warm import BaseKey, WarmBase

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from harness.data import presets, sources
-from harness.data.prepare import build_preset, preset_dir
+from harness.worker.prepare import build_preset, preset_dir
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -24,10 +24,15 @@ def small_recipe(monkeypatch, tmp_path):
 
 
 def test_a_pretrained_base_builds_learns_and_is_cached(small_recipe, monkeypatch):
-    out = build_preset("tiny-mistral-base", seed=0)
+    progress = []
+    out = build_preset("tiny-mistral-base", seed=0, on_progress=progress.append)
     assert out == preset_dir("tiny-mistral-base", 0)
     record = json.loads((out / "pretrain.json").read_text())
     assert record["steps"] == 24 and record["tokens_trained"] == 24 * 16 * 64
+    # What the driver's display shows while it waits: the task, its steps and the loss, to the last step.
+    assert progress and all(set(p) == {"task", "step", "steps", "loss"} for p in progress)
+    assert (progress[-1]["step"], progress[-1]["steps"]) == (24, 24)
+    assert progress[-1]["task"].startswith("pretraining the base")
     assert record["device"] == "cpu" and record["corpus"].startswith("shakespeare")
     # From uniform guessing (ln 32768 = 10.4) to a model that knows some English, on held-out text.
     assert record["held_out_loss_initial"] > 10

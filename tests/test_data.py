@@ -58,3 +58,33 @@ def test_split_is_seeded_and_disjoint():
     assert len(val) == 20 and len(train) == 180 and not set(train) & set(val)
     assert data.split(rows, 0.1, seed=3, where="rows.csv") == (train, val)
     assert data.split(rows, 0.1, seed=4, where="rows.csv")[1] != val
+
+
+def test_a_sweep_file_gives_the_data_its_own_spec():
+    """harness.data takes a DataSpec, not the sweep file: every dataset key reaches it, and the
+    batch check reads the largest batch and naive packing from it."""
+    import dataclasses
+
+    import pytest
+
+    from harness.data.prepare import check_batches_fit
+    from harness.data.spec import DataSpec
+    from harness.errors import DataError
+    from harness.sweep.config import DatasetConfig, parse_sweep
+
+    assert set(DatasetConfig.model_fields) <= {f.name for f in dataclasses.fields(DataSpec)}
+    cfg = parse_sweep({"study": "s", "seed": 3, "model": {"name": "tiny-mistral"}, "max_seq_length": 64,
+                       "dataset": {"source": "d.csv", "columns": {"text": "body"}, "max_val_rows": 8},
+                       "search_space": {"batch_size": {"low": 2, "high": 12, "step": 2},
+                                        "packing": {"choices": [False, True]}}})
+    spec = cfg.data_spec()
+    assert (spec.source, spec.columns["text"], spec.columns["output"]) == ("d.csv", "body", "output")
+    assert (spec.max_val_rows, spec.seed, spec.max_seq_length) == (8, 3, 64)
+    assert spec.largest_batch_size == 12 and spec.naive_packing  # true: naive packing, in an older sweep file's words
+    # 11 full sequences of 64 tokens in 100 rows: too few for a packed batch of 12, plenty of rows unpacked.
+    with pytest.raises(DataError, match=r"d.csv: 11 training sequences, fewer than one batch of 12"):
+        check_batches_fit(spec, {"rows": 100, "tokens": 64 * 11 + 5}, "d.csv")
+    unpacked = parse_sweep({"study": "s", "model": {"name": "tiny-mistral"}, "max_seq_length": 64,
+                            "search_space": {"batch_size": {"choices": [4, 12]}, "packing": "padding_free"}}).data_spec()
+    assert unpacked.largest_batch_size == 12 and not unpacked.naive_packing
+    check_batches_fit(unpacked, {"rows": 100, "tokens": 64 * 11 + 5}, "d.csv")

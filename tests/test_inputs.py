@@ -14,7 +14,7 @@ import yaml
 from conftest import PG_PASSWORD, ROOT, run_cli
 from harness.sweep.config import SweepConfig, parse_sweep
 from harness.errors import DataError
-from harness.data.prepare import prepare
+from harness.worker.prepare import prepare
 
 LINES = [f"Line {i}: now is the winter of our discontent, made glorious summer." for i in range(40)]
 
@@ -48,7 +48,7 @@ def rows_of(npz_path):
 def tokenizer(harness_cache):
     from transformers import AutoTokenizer
 
-    from harness.data.prepare import build_preset
+    from harness.worker.prepare import build_preset
 
     return AutoTokenizer.from_pretrained(build_preset("tiny-mistral", 0))
 

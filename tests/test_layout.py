@@ -13,33 +13,8 @@ TORCH_FREE = ["harness.cli", "harness.params", "harness.records", "harness.error
               "harness.sweep.wandb_check", "harness.launch", "harness.bench.runner", "harness.sweep.predict",
               "harness.sweep.pruning", "harness.sweep.efficiency", "harness.sweep.outcome", "harness.sweep.trackers",
               "harness.protocol", "harness.faults", "harness.launch.resident", "harness.launch.workers",
-              "harness.launch.launcher"]
-
-
-def _imports(path) -> set[str]:
-    """Every module ``path`` imports, at its top or inside functions."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-            names.update(f"{node.module}.{a.name}" for a in node.names)
-    return names
-
-
-def test_a_worker_imports_no_driver_side_module_and_never_sees_the_storage():
-    """Imports flow one way: harness/worker takes records, configs and the protocol, nothing of
-    the launcher or the study; no worker module names the storage URL or imports Optuna."""
-    allowed = {"harness.sweep.config"}
-    for path in sorted((ROOT / "harness" / "worker").glob("*.py")):
-        for name in _imports(path):
-            if name.startswith(("harness.sweep", "harness.launch")):
-                assert name in allowed, f"{path.name} imports {name}"
-            assert not name.startswith("optuna"), f"{path.name} imports {name}"
-        text = path.read_text()
-        for word in ("STORAGE_URL", "storage_url", "make_storage"):
-            assert word not in text, f"{path.name} mentions {word}"
+              "harness.launch.launcher", "harness.data.spec", "harness.data.sources", "harness.data.formats",
+              "harness.data.presets", "harness.data.prepare"]
 
 
 def test_the_sweep_launch_and_bench_driver_modules_import_without_torch():
@@ -52,6 +27,62 @@ def test_the_sweep_launch_and_bench_driver_modules_import_without_torch():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "ok []"
+
+
+def harness_imports(path, root=ROOT) -> set[str]:
+    """Every harness module a file imports, at the top or inside a function, by statement or by
+    ``importlib.import_module`` / ``__import__`` of a literal name."""
+    package = ".".join(path.relative_to(root).with_suffix("").parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the file's package up
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            found |= {f"{base}.{alias.name}" for alias in node.names} | ({base} - {"harness"})
+        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)
+              and (getattr(node.func, "attr", None) == "import_module" or getattr(node.func, "id", None) == "__import__")):
+            found.add(node.args[0].value)
+    return {name for name in found if name.split(".")[0] == "harness"}
+
+
+def test_a_worker_imports_no_driver_side_module_and_never_sees_the_storage():
+    """Imports flow one way: harness/worker takes records, configs, data and the protocol, nothing of
+    the launcher or the study; no worker module imports Optuna or names the storage URL."""
+    for path in sorted((ROOT / "harness" / "worker").glob("*.py")):
+        for name in harness_imports(path):
+            if name.startswith(("harness.sweep", "harness.launch")):
+                assert name.startswith("harness.sweep.config"), f"{path.name} imports {name}"
+        text = path.read_text()
+        assert "import optuna" not in text and "from optuna" not in text, path.name
+        for word in ("STORAGE_URL", "storage_url", "make_storage"):
+            assert word not in text, f"{path.name} mentions {word}"
+
+
+def test_data_knows_nothing_of_sweeps_trials_or_workers():
+    """Imports flow one way: the sweep and worker sides may import harness.data, never the reverse."""
+    files = sorted((ROOT / "harness" / "data").glob("*.py"))
+    assert {p.name for p in files} >= {"prepare.py", "spec.py", "sources.py", "formats.py", "presets.py"}
+    allowed = ("harness.data", "harness.errors", "harness.files", "harness.params")
+    for path in files:
+        for name in harness_imports(path):
+            assert any(name == a or name.startswith(a + ".") for a in allowed), f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_the_import_check_sees_every_kind_of_import(tmp_path):
+    pkg = tmp_path / "harness" / "data"
+    pkg.mkdir(parents=True)
+    (pkg / "x.py").write_text(
+        "import harness.sweep.config\nfrom harness.worker import pretrain\nfrom ..launch import base\n"
+        "def f():\n    from harness.sweep.config import SweepConfig\n    import importlib\n"
+        "    importlib.import_module('harness.worker.loop')\n")
+    assert harness_imports(pkg / "x.py", tmp_path) >= {
+        "harness.sweep.config", "harness.worker.pretrain", "harness.launch.base",
+        "harness.sweep.config.SweepConfig", "harness.worker.loop"}
 
 
 def test_one_table_of_hyperparameters():

@@ -68,6 +68,9 @@ def test_padding_free_rows_each_get_their_own_loss_and_naive_packing_does_not(at
     assert batch["input_ids"].shape == (1, sum(LENGTHS))  # one sequence, not one token of padding
     assert batch["position_ids"][0].tolist() == [i for n in LENGTHS for i in range(n)]
     assert batch["packed_seq_lengths"].tolist() == list(LENGTHS)
+    # What Unsloth's packed forward reads, beside transformers' collator's own keys (README).
+    assert batch["packed_seq_lengths"].dtype == torch.int32 and batch["use_cache"] is False
+    assert batch["input_ids"].dtype == batch["labels"].dtype == batch["position_ids"].dtype == torch.int64
     starts = np.cumsum((0,) + LENGTHS[:-1])
     assert (batch["labels"][0, starts] == -100).all()  # no row's first token is predicted from the row before
     packed = row_losses_packed(model, rows, batch)

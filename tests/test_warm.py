@@ -72,7 +72,7 @@ def test_warm_workers_match_separate_processes_and_a_failure_replaces_the_worker
 
 BASE_CHECK = r"""
 import torch, unsloth
-from harness.data.prepare import build_preset
+from harness.worker.prepare import build_preset
 from harness.worker.warm import BaseKey, WarmBase, fingerprint
 
 base = WarmBase(BaseKey(str(build_preset("tiny-mistral", 0)), 64, "float32", False), "cpu")

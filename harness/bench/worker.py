@@ -36,7 +36,7 @@ def run(spec: dict) -> dict:
     import torch
 
     from harness.worker import metrics
-    from harness.data.prepare import resolve_model_name
+    from harness.worker.prepare import resolve_model_name
 
     import_s = time.perf_counter() - t0
     device = "cuda" if spec["device"] in ("auto", "cuda") and torch.cuda.is_available() else "cpu"

@@ -56,7 +56,7 @@ def run_prepare(config_json: Path, sweep_dir: Path, out: Path, log: Path,
     seen = None
     with log.open("w") as log_f:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "harness.data.prepare", str(config_json), str(sweep_dir), str(out)],
+            [sys.executable, "-m", "harness.worker.prepare", str(config_json), str(sweep_dir), str(out)],
             stdout=log_f, stderr=subprocess.STDOUT, env=env,
         )
         while True:

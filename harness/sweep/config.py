@@ -16,6 +16,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
                       field_validator, model_validator)
 
 from harness import params
+from harness.data.spec import DataSpec
 from harness.errors import SweepFileError
 
 Scalar = Union[bool, int, float, str]
@@ -390,6 +391,21 @@ class SweepConfig(_Strict):
         """Which of the study's values picks ``best/`` from the Pareto front."""
         metrics = [o.metric for o in self.all_objectives()]
         return metrics.index(self.prefer) if self.prefer else 0
+
+    def data_spec(self) -> DataSpec:
+        """What data preparation needs of this sweep file (harness.data takes nothing else)."""
+        ds, space = self.dataset, self.search_space
+        dim, packing = space.batch_size, space.packing
+        largest = int(max(dim.choices) if isinstance(dim, Choices) else dim.high if isinstance(dim, Range) else dim)
+        packings = [params.typed({"packing": v})["packing"]
+                    for v in (packing.choices if isinstance(packing, Choices) else [packing])]
+        return DataSpec(
+            source=ds.source, format=ds.format, columns=ds.columns.model_dump(), template=ds.template,
+            train_on_responses_only=ds.train_on_responses_only, split=ds.split, validation=ds.validation,
+            validation_split=ds.validation_split, val_fraction=ds.val_fraction, max_train_rows=ds.max_train_rows,
+            max_val_rows=ds.max_val_rows, max_seq_length=self.max_seq_length, seed=self.seed,
+            largest_batch_size=largest, naive_packing="naive" in packings,
+        )
 
     @model_validator(mode="after")
     def _token_cap_fits_a_row(self) -> "SweepConfig":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,8 +21,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-
-from harness.files import write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -54,22 +51,6 @@ def corpus_sequences(tok, seq_len: int) -> np.ndarray:
     docs = [(np.array([tok.bos_token_id, *ids, tok.eos_token_id], dtype=np.int64), None)
             for ids in tok(texts, add_special_tokens=False)["input_ids"]]
     return np.stack([seq for seq, _ in pack(docs, seq_len)])
-
-
-def progress_writer(path: str | None) -> ProgressFn | None:
-    """A callback that keeps ``path`` holding the latest (step, steps, loss): the driver shows it
-    live while it waits (the preparing process's own output goes to a log)."""
-    if not path:
-        return None
-    last = [0.0]
-
-    def write(step: int, steps: int, loss: float) -> None:
-        now = time.monotonic()
-        if now - last[0] >= 0.5 or step == steps:
-            last[0] = now
-            write_json_atomic(Path(path), {"task": "pretraining the base on Shakespeare", "step": step,
-                                           "steps": steps, "loss": round(loss, 4)})
-    return write
 
 
 @torch.no_grad()
@@ -138,16 +119,17 @@ def pretrain(model, tok, recipe: PretrainRecipe, *, seed: int, device: str,
     }
 
 
-def build(out_dir: Path, config, tok, recipe: PretrainRecipe, *, seed: int, save_dtype: torch.dtype) -> dict:
+def build(out_dir: Path, config, tok, recipe: PretrainRecipe, *, seed: int, save_dtype: torch.dtype,
+          on_step: ProgressFn | None = None) -> dict:
     """Initialise a model from ``config`` with ``seed``, pretrain it, save it with its tokenizer and
-    ``pretrain.json`` into ``out_dir`` (a fresh folder that the caller moves into place)."""
+    ``pretrain.json`` into ``out_dir`` (a fresh folder that the caller moves into place).
+    ``on_step`` follows the training (every 10 steps and the last)."""
     from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # fp32 master weights
-    record = pretrain(model, tok, recipe, seed=seed, device=device,
-                      on_step=progress_writer(os.environ.get("HARNESS_PREPARE_PROGRESS")))
+    record = pretrain(model, tok, recipe, seed=seed, device=device, on_step=on_step)
     model.to(save_dtype)
     model.config.dtype = save_dtype
     model.save_pretrained(out_dir)
