@@ -11,6 +11,8 @@ segfault    the process reads address 0 (a real segmentation fault)
 nan         a trainable weight becomes NaN: the next step's loss is NaN and the trial stops
 hang        the process sleeps forever: the driver kills it after ``budget.hang_timeout_s``
 oom         the process asks its device for 64 TiB: a real allocator failure (out of memory)
+leak        the trial keeps 320 MiB of tensors alive after it ends: a warm worker finds them
+            and retires
 wandb       the trial's W&B run (kept by the driver) raises "No space left on device" at its next
             call: W&B turns off for that trial, the trial goes on
 ==========  ===================================================================================
@@ -29,7 +31,8 @@ import signal
 import time
 from dataclasses import dataclass
 
-KINDS = ("sigkill", "segfault", "nan", "hang", "oom", "wandb")
+KINDS = ("sigkill", "segfault", "nan", "hang", "oom", "leak", "wandb")
+LEAKED: list = []  # what the ``leak`` fault keeps alive
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,8 @@ def inject(fault: Fault, model, device: str) -> None:
             time.sleep(3600)
     elif fault.kind == "oom":
         torch.empty(1 << 46, dtype=torch.uint8, device=device)
+    elif fault.kind == "leak":
+        LEAKED.append(torch.ones(320 << 20, dtype=torch.uint8, device=device))
 
 
 def disk_full() -> OSError:

@@ -16,6 +16,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
                       field_validator, model_validator)
 
 from harness import params
+from harness.data.presets import PRESETS
 from harness.data.spec import DataSpec
 from harness.errors import SweepFileError
 
@@ -123,17 +124,35 @@ SearchSpace = create_model(
 )
 
 
+class PretrainConfig(_Strict):
+    """A pretrained preset's recipe, changed (``model.pretrain``): a base built with other numbers
+    is another base, cached apart (its folder is named by its recipe)."""
+
+    tokens: int | None = Field(default=None, gt=0)
+    seq_len: int | None = Field(default=None, gt=1)
+    batch_size: int | None = Field(default=None, gt=0)
+    learning_rate: float | None = Field(default=None, gt=0)
+
+
 class ModelConfig(_Strict):
     """``name``: ``tiny-mistral`` (embedded default), a preset such as ``mistral-7b-v0.3`` (random
     init, no download), a local folder, or a hub id (needs network)."""
 
     name: str = Field(min_length=1)
+    pretrain: PretrainConfig | None = None  # a pretrained preset (tiny-mistral-base, ...): its recipe changed
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     load_in_4bit: bool = False
     gradient_checkpointing: Literal["unsloth", "true", "false"] | bool = "unsloth"
     target_modules: list[str] = Field(
         default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], min_length=1
     )
+
+    @model_validator(mode="after")
+    def _pretrain_needs_a_pretrained_preset(self) -> "ModelConfig":
+        if self.pretrain is not None and "pretrain" not in PRESETS.get(self.name, {}):
+            raise ValueError(f"pretrain: only a preset pretrained here has a recipe to change "
+                             f"({', '.join(n for n, s in PRESETS.items() if 'pretrain' in s)}), not {self.name}")
+        return self
 
 
 class ColumnMap(_Strict):

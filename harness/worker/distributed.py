@@ -17,7 +17,7 @@ class Dist:
 
     Every rank draws the same stream of batches and trains on every ``world``-th one; gradients are
     summed across ranks after each backward pass (one all-reduce of the LoRA gradients, flattened),
-    so the step equals one step on ``world`` times the batch. Rank 0 talks to Optuna.
+    so the step equals one step on ``world`` times the batch. Rank 0 talks to the driver.
     """
 
     rank: int = 0
@@ -41,15 +41,15 @@ class Dist:
         dist.all_gather_object(out, value)
         return out
 
-    def decide(self, flag: bool) -> bool:
-        """Rank 0's decision, for everyone (to prune or not)."""
+    def decide(self, decision: str | None) -> str | None:
+        """Rank 0's decision at a validation (stop: "pruned", "converged"; or None), for everyone."""
         if self.world == 1:
-            return flag
+            return decision
         import torch.distributed as dist
 
-        box = [flag]
+        box = [decision]
         dist.broadcast_object_list(box, src=0)
-        return bool(box[0])
+        return box[0]
 
     def sum_gradients(self, params: list[torch.Tensor]) -> None:
         if self.world == 1:
@@ -93,13 +93,13 @@ def init_distributed(device: str) -> Dist:
 IDLE_TIMEOUT = timedelta(days=30)
 # How long a rank whose trial failed waits for the others to end theirs. A failure on one rank
 # can leave the others blocked in a collective it will never join; only its exit frees them
-# (torchrun then ends the group). Long enough for rank 0 to finish a failed trial's W&B run and
+# (torchrun then ends the group). Long enough for rank 0 to send a failed trial's report and
 # write its record, which the group's end would otherwise cut short.
 FAILED_WAIT = timedelta(seconds=120)
 
 
 class Group:
-    """A warm group's control channel (``harness.worker.trial --warm`` under torchrun): rank 0
+    """A warm group's control channel (``harness.worker.serve`` under torchrun): rank 0
     shares what the driver sends (:meth:`share`); after each trial the ranks :meth:`agree`
     whether the group goes on.
 

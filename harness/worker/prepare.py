@@ -54,10 +54,19 @@ def mistral_v3_tokenizer():
     return tok
 
 
-def preset_dir(name: str, seed: int) -> Path:
+def preset_spec(name: str, pretrain: dict | None = None) -> dict:
+    """A preset's spec, its pretraining recipe changed by ``pretrain`` (the sweep file's
+    ``model.pretrain``: tokens, seq_len, batch_size, learning_rate)."""
+    spec = dict(PRESETS[name])
+    if pretrain:
+        spec["pretrain"] = {**spec["pretrain"], **pretrain}
+    return spec
+
+
+def preset_dir(name: str, seed: int, pretrain: dict | None = None) -> Path:
     """Where a preset is cached: by name and seed, and for a pretrained base by its recipe too, so
     a changed recipe builds a new base instead of reusing an old one."""
-    spec = PRESETS[name]
+    spec = preset_spec(name, pretrain)
     suffix = ""
     if "pretrain" in spec:
         suffix = "-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
@@ -78,11 +87,11 @@ def _pretrain_steps(on_progress: Progress | None):
     return on_step
 
 
-def build_preset(name: str, seed: int, on_progress: Progress | None = None) -> Path:
+def build_preset(name: str, seed: int, on_progress: Progress | None = None, pretrain: dict | None = None) -> Path:
     """A model of a preset architecture with the Mistral v3 tokenizer, cached by name and seed:
-    random init, or pretrained here when the preset has a ``pretrain`` recipe (``on_progress``
-    follows its steps)."""
-    out = preset_dir(name, seed)
+    random init, or pretrained here when the preset has a ``pretrain`` recipe (changed by
+    ``pretrain``; ``on_progress`` follows its steps)."""
+    out = preset_dir(name, seed, pretrain)
     if (out / "config.json").exists():
         return out
     import torch
@@ -90,7 +99,7 @@ def build_preset(name: str, seed: int, on_progress: Progress | None = None) -> P
 
     tok = mistral_v3_tokenizer()
     assert len(tok) == TOKENIZER_VOCAB, len(tok)
-    spec = dict(PRESETS[name])
+    spec = preset_spec(name, pretrain)
     recipe = spec.pop("pretrain", None)
     config = AutoConfig.for_model(
         spec.pop("model_type"), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -126,13 +135,14 @@ def build_preset(name: str, seed: int, on_progress: Progress | None = None) -> P
     return out
 
 
-def resolve_model_name(name: str, seed: int, on_progress: Progress | None = None) -> str:
+def resolve_model_name(name: str, seed: int, on_progress: Progress | None = None, pretrain: dict | None = None) -> str:
     """A preset is built (once, cached); a local folder or a hub id goes to from_pretrained as is."""
-    return str(build_preset(name, seed, on_progress)) if is_preset(name) else name
+    return str(build_preset(name, seed, on_progress, pretrain)) if is_preset(name) else name
 
 
 def resolve_model(cfg: SweepConfig, on_progress: Progress | None = None) -> str:
-    return resolve_model_name(cfg.model.name, cfg.seed, on_progress)
+    pretrain = cfg.model.pretrain.model_dump(exclude_none=True) if cfg.model.pretrain else None
+    return resolve_model_name(cfg.model.name, cfg.seed, on_progress, pretrain)
 
 
 def prepare(cfg: SweepConfig, sweep_dir: Path, on_progress: Progress | None = None) -> Prepared:

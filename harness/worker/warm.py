@@ -120,7 +120,7 @@ class WarmBase:
             raise BaseChanged("the frozen base's weights changed during a trial")
 
     def leaked_mib(self) -> float:
-        """Memory still allocated beyond the base's own after :meth:`give_back` (0 on CPU)."""
+        """Memory still allocated beyond the base's own after :meth:`give_back`."""
         return max(0.0, _allocated_mib(self.device) - self.resident_mib)
 
 
@@ -140,4 +140,17 @@ def _reset_offload_buffers() -> None:
 
 
 def _allocated_mib(device: str) -> float:
-    return torch.cuda.memory_allocated() / MIB if device == "cuda" else 0.0
+    """What tensors hold: CUDA's allocator knows; on CPU, the storages of every live tensor (the
+    process's RSS would also count the allocator's free lists, which come and go)."""
+    if device == "cuda":
+        return torch.cuda.memory_allocated() / MIB
+    import warnings
+
+    storages: dict[int, int] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance() wakes deprecated module attributes up
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+                storage = obj.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values()) / MIB
