@@ -517,14 +517,12 @@ def study_lock(url: str):
     else:
         yield
         return
-    import fcntl
+    import filelock
 
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    # A new FileLock each time: its own descriptor, so threads of one process exclude each other
+    # as processes and hosts do (flock; the file stays in place for the next waiter).
+    with filelock.FileLock(lock):
+        yield
 
 
 def _lock_engine(url: str) -> Any:
