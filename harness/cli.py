@@ -267,10 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="output folder (default: <results-dir>/bench/<name>)")
     b.add_argument("--results-dir", default="results")
     b.set_defaults(func=_cmd_bench)
-    rr = sub.add_parser("rerun", help="retrain the top configs with fresh seeds: is the best distinguishable?")
+    rr = sub.add_parser("rerun", help="retrain the top configs with fresh seeds: is the best really better "
+                                      "(Welch's t-test, p < 0.05)?")
     rr.add_argument("study_dir", help="results/<study>")
     rr.add_argument("--top", type=int, default=2, help="how many of the best configs (default 2)")
-    rr.add_argument("--seeds", type=int, default=3, help="fresh seeds per config (default 3)")
+    # 5: a true difference of two seed standard deviations reaches p < 0.05 in 77% of reruns at 5
+    # seeds a side, 37% at 3 (simulated, normal seeds, Welch's test).
+    rr.add_argument("--seeds", type=int, default=5, help="fresh seeds per config (default 5)")
     rr.add_argument("--storage", help="storage URL when the study is not in the folder's study.db")
     rr.set_defaults(func=_cmd_rerun)
     ev = sub.add_parser("eval", help="reload the best weights (adapter or full model) and print their validation loss")

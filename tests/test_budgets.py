@@ -128,7 +128,59 @@ def test_rerun_the_top_configs_with_fresh_seeds(tmp_path, harness_cache):
 def test_rerun_statistics():
     from harness.sweep.rerun import bootstrap_difference, compare
 
-    low, high = bootstrap_difference([1.0, 1.1, 0.9], [2.0, 2.1, 1.9])
-    assert 0.8 < low <= high < 1.2
+    interval = bootstrap_difference([1.0, 1.1, 0.9], [2.0, 2.1, 1.9])
+    assert interval.method == "BCa" and 0.8 < interval.low <= interval.high < 1.2
     result = compare([{"mean": 1.0, "values": [1.0, 1.1, 0.9]}, {"mean": 1.02, "values": [0.8, 1.3, 0.96]}])
-    assert result["distinguishable"] is False and result["interval"][0] < 0 < result["interval"][1]
+    assert result["distinguishable"] is False and result["interval"].low < 0 < result["interval"].high
+    assert result["welch"].p > 0.5 and result["difference"] == pytest.approx(0.02)
+
+
+def test_rerun_verdict_rarely_calls_noise_a_real_difference():
+    """Pairs of configs drawn from one distribution: the verdict calls them different about 5% of
+    the time, not the ~20% (3 seeds) the percentile bootstrap interval did."""
+    import numpy as np
+
+    from harness.sweep.rerun import welch
+
+    rng = np.random.default_rng(0)
+    for seeds in (3, 5):
+        a, b = rng.normal(8.0, 0.15, (2, 4000, seeds))
+        rate = float(np.mean(welch(a, b).distinguishable))
+        assert rate <= 0.065, (seeds, rate)
+
+
+def test_rerun_verdict_detects_a_large_difference():
+    import numpy as np
+
+    from harness.sweep.rerun import compare, welch
+
+    rng = np.random.default_rng(1)
+    a = rng.normal(8.0, 0.15, (4000, 5))
+    b = rng.normal(8.0 + 4 * 0.15, 0.15, (4000, 5))  # four seed standard deviations worse
+    assert float(np.mean(welch(a, b).distinguishable)) >= 0.95
+    best, worse = [8.10, 8.05, 8.12, 8.08, 8.11], [8.60, 8.71, 8.55, 8.66, 8.62]
+    result = compare([{"mean": np.mean(worse), "values": worse}, {"mean": np.mean(best), "values": best}])
+    assert result["ranked"][0]["values"] == best and result["distinguishable"] is True
+    assert result["welch"].p < 1e-4 and result["interval"].low > 0
+    # Maximizing, the same numbers the other way round: the runner-up is still the worse one.
+    result = compare([{"mean": np.mean(best), "values": best}, {"mean": np.mean(worse), "values": worse}],
+                     minimize=False)
+    assert result["ranked"][0]["values"] == worse and result["difference"] > 0 and result["welch"].t > 0
+
+
+def test_rerun_report_states_the_test():
+    from harness.sweep.rerun import compare, report_markdown
+
+    rows = [{"mean": 8.098, "std": 0.147, "values": [8.2537, 7.9616, 8.0789], "original": 1, "params": {"lr": 1.45e-3}},
+            {"mean": 8.405, "std": 0.174, "values": [8.3567, 8.2608, 8.5983], "original": 0, "params": {"lr": 2e-4}}]
+    text = report_markdown("s", 3, compare(rows))
+    # bench/RESULTS.md's seed-noise comparison: the bootstrap interval excludes zero, Welch's test does not.
+    assert "| 1 | 1 | 3 | 8.0981 ± 0.1470 |" in text
+    assert "worse by 0.3072" in text and "BCa bootstrap interval" in text
+    assert "t = 2.34, df = 3.9, p = 0.0815" in text and "**not distinguishable**" in text
+    # No spread at all: BCa cannot be computed, the percentile interval is given and said to be.
+    flat = [{"mean": 1.0, "std": 0.0, "values": [1.0] * 3, "original": 0, "params": {}},
+            {"mean": 1.0, "std": 0.0, "values": [1.0] * 3, "original": 1, "params": {}}]
+    result = compare(flat)
+    assert result["interval"].method == "percentile" and result["distinguishable"] is False
+    assert "BCa impossible" in report_markdown("s", 3, result)

@@ -5,6 +5,7 @@ Pareto front of a multi-objective study, the binned per-parameter table and the 
 import json
 import math
 import random
+import re
 import warnings
 
 import optuna
@@ -235,3 +236,18 @@ def test_sweep_efficiency_over_the_recorded_runs(tmp_path):
     rows = table_rows(section(text, "## Sweep efficiency"))
     assert f"**{e.efficiency:.1%}**" in text and rows[0][0] == f"{e.efficiency:.4g}" and rows[0][3:5] == ["2", "3"]
     assert out["efficiency"] == e.line()
+
+
+def test_markdown_tables_show_everything_and_stay_tables():
+    from harness.sweep.report import _md
+
+    n = 40  # more rows, columns and characters than Polars shows by default
+    df = pl.DataFrame({f"column_{i}": [f"{'x' * 60}{r}" for r in range(n)] for i in range(12)}).with_columns(
+        lr=pl.Series([1.45e-5] * n), tokens_per_s=pl.Series([16784.0] * (n - 1) + [None]),
+        reason=pl.Series(["a|b\nc"] * n))
+    lines = _md(df).splitlines()
+    assert len(lines) == 2 + n and lines[1].count("|") == len(df.columns) + 1
+    assert all(line.count(" | ") == len(df.columns) - 1 for line in lines[:1] + lines[2:])
+    rows = [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines[2:]]  # "\|" is no border
+    assert rows[-1][:12] == [f"{'x' * 60}{n - 1}"] * 12
+    assert rows[0][12:] == ["1.45e-05", "16,784", r"a\|b c"] and rows[-1][13] == ""

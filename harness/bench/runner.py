@@ -8,7 +8,8 @@ The driver side (this module) imports neither torch nor unsloth; each run is
 
 Regression rule (per point, backend and metric, over the repeats): with baseline median ``b``,
 current median ``c`` and noise ``n = k · 1.4826 · MAD`` (MAD pooled over both sets of repeats,
-1.4826·MAD estimates a standard deviation), a higher-is-better metric regresses when
+each about its own median; scaled by 1/Φ⁻¹(3/4) ≈ 1.4826 it estimates a standard deviation,
+``scipy.stats.median_abs_deviation(..., scale="normal")``), a higher-is-better metric regresses when
 ``c < b · (1 − t)`` and ``b − c > n``; a lower-is-better one when ``c > b · (1 + t)`` and
 ``c − b > n``. ``t`` is the metric's threshold. A point that ran in the baseline and runs out of
 memory now is a regression too.
@@ -31,6 +32,7 @@ from xml.sax.saxutils import escape, quoteattr
 import pynvml
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from scipy import stats
 
 import harness
 from harness.sweep.config import ModelConfig, _one_line
@@ -204,8 +206,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         values = [r[m] for r in ok if r.get(m) is not None]
         if values:
             med = statistics.median(values)
-            out[m] = {"median": med, "min": min(values), "max": max(values),
-                      "mad": statistics.median(abs(v - med) for v in values), "values": values}
+            out[m] = {"median": med, "min": min(values), "max": max(values),  # "mad": unscaled, as stored before
+                      "mad": float(stats.median_abs_deviation(values)), "values": values}
     if not ok and runs and runs[0].get("mem_at_failure_mib"):
         out["mem_at_failure_mib"] = runs[0]["mem_at_failure_mib"]
     return out
@@ -256,6 +258,11 @@ def _read_mfu(result: dict) -> dict:
     return result
 
 
+def _zero(x: Any, axis: int) -> float:
+    """``median_abs_deviation``'s centre for deviations already taken from their own medians."""
+    return 0.0
+
+
 def compare(current: dict, baseline: dict, reg: Regression) -> list[dict[str, Any]]:
     """One row per (point, metric) in the thresholds: verdict ok | regressed | improved | missing."""
     rows = []
@@ -276,8 +283,9 @@ def compare(current: dict, baseline: dict, reg: Regression) -> list[dict[str, An
             if metric not in base or metric not in cur:
                 continue
             b, c = base[metric]["median"], cur[metric]["median"]
+            # Each set's deviations from its own median, pooled; their MAD is taken about zero.
             pooled = [v - b for v in base[metric]["values"]] + [v - c for v in cur[metric]["values"]]
-            noise = reg.k * 1.4826 * statistics.median(abs(v) for v in pooled)
+            noise = reg.k * float(stats.median_abs_deviation(pooled, center=_zero, scale="normal"))
             higher = HIGHER_IS_BETTER.get(metric, True)
             worse = (b - c) if higher else (c - b)
             verdict = ("regressed" if worse > b * t and worse > noise

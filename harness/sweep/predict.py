@@ -29,6 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import numpy as np
+import scipy.optimize
+
 from harness import params as hp
 from harness.data.presets import PRESETS, is_preset
 from harness.errors import HarnessError
@@ -341,41 +344,10 @@ def over_limit(pred: Prediction, limit_mib: float, margin: float = 0.05, *, incl
 
 # -- calibration -------------------------------------------------------------------------------------
 
-def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
-    """Solve the small square system a x = b by Gauss-Jordan elimination; None when singular."""
-    n = len(b)
-    m = [row[:] + [b[k]] for k, row in enumerate(a)]
-    for c in range(n):
-        pivot = max(range(c, n), key=lambda r: abs(m[r][c]))
-        if abs(m[pivot][c]) < 1e-12 * max(1.0, max(abs(x) for row in a for x in row)):
-            return None
-        m[c], m[pivot] = m[pivot], m[c]
-        for r in range(n):
-            if r != c:
-                f = m[r][c] / m[c][c]
-                m[r] = [x - f * y for x, y in zip(m[r], m[c])]
-    return [m[r][n] / m[r][r] for r in range(n)]
-
-
 def nnls(rows: list[list[float]], y: list[float]) -> list[float]:
-    """Non-negative least squares, min ||X m - y|| with m >= 0, for a handful of columns: every
-    subset of columns is solved unconstrained and the best all-non-negative solution kept."""
-    k = len(rows[0])
-    best, best_err = [0.0] * k, sum(t * t for t in y)
-    for size in range(1, k + 1):
-        for cols in itertools.combinations(range(k), size):
-            ata = [[sum(r[a] * r[b] for r in rows) for b in cols] for a in cols]
-            aty = [sum(r[a] * t for r, t in zip(rows, y)) for a in cols]
-            sol = _solve(ata, aty)
-            if sol is None or min(sol) < 0:
-                continue
-            full = [0.0] * k
-            for c, s in zip(cols, sol):
-                full[c] = s
-            err = sum((sum(r[c] * full[c] for c in range(k)) - t) ** 2 for r, t in zip(rows, y))
-            if err < best_err - 1e-12 * max(1.0, best_err):
-                best, best_err = full, err
-    return best
+    """Non-negative least squares, min ||X m - y|| with m >= 0 (``scipy.optimize.nnls``)."""
+    solution, _ = scipy.optimize.nnls(np.asarray(rows, dtype=float), np.asarray(y, dtype=float))
+    return [float(v) for v in solution]
 
 
 # Pulls each multiplier toward 1, so that a group the finished trials barely tell apart (every

@@ -54,8 +54,30 @@ def default_storage(study_dir: Path) -> str:
 
 
 def redact(url: str) -> str:
-    """A storage URL fit for logs and results: any password replaced by ***."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    """A storage URL, or a message quoting one, fit for logs and results: any password replaced by
+    ***, in the user info or in the query string (``?password=``). SQLite files and journals are
+    returned as they are: they have no password."""
+    from sqlalchemy.engine import make_url
+
+    if url.startswith("sqlite:///") or journal_path(url) is not None:
+        return url
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 -- ArgumentError, or ValueError for a port that is no number
+        parsed = None
+    if parsed is None or url.count("@") > 1:
+        # Not a URL SQLAlchemy can read (a message quoting one, say), or a raw "@" in the password,
+        # which SQLAlchemy splits at the first "@", leaving the password's tail in the host or
+        # path: hide everything from the user name's ":" to the last "@" of the same word (a user
+        # name may hold an "@" too, as Azure's user@server).
+        hidden = re.sub(r"(://[^:/?#\s]*:)\S*@", r"\1***@", url)
+    elif parsed.password is not None:
+        hidden = parsed.render_as_string(hide_password=True)
+    else:
+        hidden = url
+    # Not URL.update_query_dict: its rendering percent-encodes "***". Keys such as password,
+    # passwd, sslpassword.
+    return re.sub(r"((?:^|[?&\s])[\w.-]*(?:pass|secret)[\w.-]*=)[^&#\s]*", r"\1***", hidden, flags=re.I)
 
 
 def journal_path(url: str) -> str | None:
@@ -494,14 +516,12 @@ def study_lock(url: str):
     else:
         yield
         return
-    import fcntl
+    import filelock
 
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    # A new FileLock each time: its own descriptor, so threads of one process exclude each other
+    # as processes and hosts do (flock; the file stays in place for the next waiter).
+    with filelock.FileLock(lock):
+        yield
 
 
 def _lock_engine(url: str) -> Any:
