@@ -30,6 +30,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from harness import env
 
 KINDS = ("sigkill", "segfault", "nan", "hang", "oom", "leak", "wandb")
 LEAKED: list = []  # what the ``leak`` fault keeps alive
@@ -43,7 +44,7 @@ class Fault:
 
 def planned(trial_number: int, spec: str | None = None) -> Fault | None:
     """The fault planned for this trial, if any (``N:kind@step``, comma separated)."""
-    spec = os.environ.get("HARNESS_FAULTS", "") if spec is None else spec
+    spec = os.environ.get(env.FAULTS, "") if spec is None else spec
     for item in filter(None, (s.strip() for s in spec.split(","))):
         number, _, rest = item.partition(":")
         kind, _, step = rest.partition("@")

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from scipy import stats
 
 import harness
+from harness import env as harness_env
 from harness.sweep.config import ModelConfig, _one_line
 from harness.errors import HarnessError, SweepFileError
 from harness.files import write_json_atomic
@@ -187,7 +188,7 @@ def _git(cwd: Path, *args: str) -> str | None:
 def run_point(spec: dict[str, Any], workdir: Path, tag: str) -> dict[str, Any]:
     spec_file, out_file, log = workdir / f"{tag}.spec.json", workdir / f"{tag}.json", workdir / f"{tag}.log"
     spec_file.write_text(json.dumps(spec))
-    env = dict(os.environ, HARNESS_SPAWNED_AT=repr(time.time()), PYTHONUNBUFFERED="1")
+    env = {**os.environ, harness_env.SPAWNED_AT: repr(time.time()), "PYTHONUNBUFFERED": "1"}
     with log.open("w") as f:
         code = subprocess.call([sys.executable, "-m", "harness.bench.worker", str(spec_file), str(out_file)],
                                stdout=f, stderr=subprocess.STDOUT, env=env)

@@ -20,9 +20,10 @@ import sys
 import time
 from pathlib import Path
 
+from harness import env
 from harness.files import write_json_atomic
 
-SPAWNED_AT = float(os.environ.get("HARNESS_SPAWNED_AT", time.time()))
+SPAWNED_AT = float(os.environ.get(env.SPAWNED_AT, time.time()))
 
 
 def run(spec: dict) -> dict:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from harness import env
 from harness.errors import DataError
 from harness.files import atomic_path
 
@@ -37,7 +38,7 @@ class Record:
 
 def cache_root() -> Path:
     """Where built models, the corpus and token caches live (``HARNESS_CACHE`` overrides)."""
-    root = os.environ.get("HARNESS_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "harness"
+    root = os.environ.get(env.CACHE) or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "harness"
     return Path(root)
 
 

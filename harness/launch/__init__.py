@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from harness import env as harness_env
 from harness.errors import HarnessError
 from harness.launch.launcher import Launcher, TrialRun
 from harness.launch.workers import child_env, log_tail, nvidia_visible
@@ -52,7 +53,7 @@ def run_prepare(config_json: Path, sweep_dir: Path, out: Path, log: Path,
     progress_file = out.with_name("prepare-progress.json")
     progress_file.unlink(missing_ok=True)
     env = child_env()
-    env["HARNESS_PREPARE_PROGRESS"] = str(progress_file)
+    env[harness_env.PREPARE_PROGRESS] = str(progress_file)
     seen = None
     with log.open("w") as log_f:
         proc = subprocess.Popen(

@@ -145,7 +145,7 @@ def report_markdown(study_name: str, seeds: int, result: dict[str, Any]) -> str:
         lines += ["", f"Best (n = {n_best}) vs runner-up (n = {n_second}): the runner-up's mean is worse by "
                       f"{result['difference']:.4f}, 95% {method} interval of the difference {iv.low:+.4f} to "
                       f"{iv.high:+.4f}; Welch's t = {w.t:.2f}, df = {w.df:.1f}, p = {w.p:.3g}: {verdict}.",
-                  "", f"The verdict is Welch's test alone: at a few seeds a bootstrap interval is too narrow and "
+                  "", "The verdict is Welch's test alone: at a few seeds a bootstrap interval is too narrow and "
                       "can exclude zero when the test does not."]
     return "\n".join(lines) + "\n"
 

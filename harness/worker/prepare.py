@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from harness import env
 from harness.data import sources
 from harness.data.prepare import Prepared, prepare_tokens
 from harness.data.presets import PRESETS, TOKENIZER_VOCAB, is_preset
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     config_json, sweep_dir, out = (argv or sys.argv[1:])[:3]
     try:
         cfg = SweepConfig.model_validate_json(Path(config_json).read_text())
-        prepare_study(cfg, Path(sweep_dir), Path(out), progress_file(os.environ.get("HARNESS_PREPARE_PROGRESS")))
+        prepare_study(cfg, Path(sweep_dir), Path(out), progress_file(os.environ.get(env.PREPARE_PROGRESS)))
     except HarnessError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

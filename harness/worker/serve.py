@@ -39,12 +39,13 @@ from pathlib import Path
 os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from harness import env  # noqa: E402
 from harness.protocol import Channel, Closed, connect  # noqa: E402
 from harness.worker.trial import DriverGone, Link, TrialSpec, WorkerState, run_trial  # noqa: E402
 
 # Kept from the worker's own environment whatever a study sends: the GPU it was started on (CUDA
 # is initialised already) and its cache (compiled kernels, models, its socket's folder).
-OWN_ENV = ("CUDA_VISIBLE_DEVICES", "HARNESS_CACHE")
+OWN_ENV = ("CUDA_VISIBLE_DEVICES", env.CACHE)
 
 
 def import_training_stack() -> None:
