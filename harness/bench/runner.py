@@ -4,7 +4,7 @@ and a regression check against a stored baseline.
 ``harness bench BENCH.yaml [--backend unsloth,hf] [--baseline FILE] [--save-baseline FILE]``
 
 The driver side (this module) imports neither torch nor unsloth; each run is
-``python -m harness.bench.worker``. Results carry a fingerprint of the machine and software.
+``python -m harness.bench.point``. Results carry a fingerprint of the machine and software.
 
 Regression rule (per point, backend and metric, over the repeats): with baseline median ``b``,
 current median ``c`` and noise ``n = k · 1.4826 · MAD`` (MAD pooled over both sets of repeats,
@@ -190,7 +190,7 @@ def run_point(spec: dict[str, Any], workdir: Path, tag: str) -> dict[str, Any]:
     spec_file.write_text(json.dumps(spec))
     env = {**os.environ, harness_env.SPAWNED_AT: repr(time.time()), "PYTHONUNBUFFERED": "1"}
     with log.open("w") as f:
-        code = subprocess.call([sys.executable, "-m", "harness.bench.worker", str(spec_file), str(out_file)],
+        code = subprocess.call([sys.executable, "-m", "harness.bench.point", str(spec_file), str(out_file)],
                                stdout=f, stderr=subprocess.STDOUT, env=env)
     if out_file.exists():
         return json.loads(out_file.read_text())

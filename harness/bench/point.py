@@ -1,4 +1,4 @@
-"""One benchmark point in its own process: ``python -m harness.bench.worker SPEC.json OUT.json``.
+"""One benchmark point in its own process: ``python -m harness.bench.point SPEC.json OUT.json``.
 
 For ``backend: hf`` this process never imports unsloth (Unsloth patches transformers globally,
 so a baseline must run where it was never loaded). Each step trains on a fixed batch of
