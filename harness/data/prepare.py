@@ -35,6 +35,7 @@ class Prepared:
     prepare_s: float
     from_cache: bool
     base: dict | None = None  # a base the harness pretrained: its pretrain.json (curve left out)
+    built_s: float = 0.0  # spent building the model here, now (a preset's first use on this machine)
 
     def save(self, path: Path) -> None:
         write_json_atomic(path, asdict(self))

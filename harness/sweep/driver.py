@@ -81,7 +81,8 @@ def _slots(gpus: list[int] | None, per_trial: int) -> dict[str, dict[str, str]]:
     return slots
 
 
-def _prepare(cfg: SweepConfig, study: optuna.Study, sweep_dir: Path, study_dir: Path, console: Console) -> None:
+def _prepare(cfg: SweepConfig, study: optuna.Study, sweep_dir: Path, study_dir: Path, console: Console) -> float:
+    """Prepare the study's model and data; the seconds spent building the model (its first use here)."""
     with console.status("preparing model and data (once per study)") as status:
         def show(progress: dict) -> None:  # a base being pretrained: its first use on this machine
             done = progress["step"] / max(progress["steps"], 1)
@@ -105,6 +106,7 @@ def _prepare(cfg: SweepConfig, study: optuna.Study, sweep_dir: Path, study_dir: 
         f"{train['truncated_rows'] + val['truncated_rows']} truncated at {cfg.max_seq_length} tokens"
         f"{' (tokenized data from cache)' if prepared['from_cache'] else ''}; model {prepared['model_dir']}"
     )
+    return float(prepared.get("built_s") or 0.0)
 
 
 def _wandb_for_study(cfg: SweepConfig, study_dir: Path, console: Console) -> SweepConfig:
@@ -239,7 +241,7 @@ def run_sweep(
     with clock, launcher:
         for note in launcher.notes():
             console.print(note, highlight=False)
-        _prepare(cfg, study, sweep_dir, study_dir, console)
+        clock.exclude(_prepare(cfg, study, sweep_dir, study_dir, console))
         launcher.prepared()
         with Display(console, cfg.n_trials, done, list(slots)) as display:
             threads = [threading.Thread(target=slot_loop, args=(slot, display), name=f"slot-{slot}", daemon=True)

@@ -38,7 +38,8 @@ from harness.sweep.storage import study_lock
 
 log = logging.getLogger(__name__)
 
-# Study user attribute: one entry per run, {wall_s, gpus, host, pid, started (Unix time),
+# Study user attribute: one entry per run, {wall_s, excluded_s (left out of wall_s: a model built on
+# its first use on this machine), gpus, host, pid, started (Unix time),
 # start_method, trials (how many trials this run had recorded when it ended; after Ctrl-C, a trial
 # still being recorded may be missing from it), resident_slots (how many of its slots borrowed a
 # resident worker, `harness warm up`: their import, and maybe load and compile, were paid before
@@ -67,6 +68,7 @@ class RunClock:
         self.study, self.storage_url, self.gpus, self.start_method = study, storage_url, gpus, start_method
         self.trials, self.resident = trials, resident
         self.started = self.t0 = self.ended = None
+        self.excluded = 0.0
 
     def __enter__(self) -> "RunClock":
         self.started, self.t0 = time.time(), time.perf_counter()
@@ -75,10 +77,15 @@ class RunClock:
     def stop(self) -> None:
         self.ended = time.perf_counter()
 
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` out of this run's wall time: building a model on its first use on this
+        machine (pretraining a base) is paid once per machine, not by the study."""
+        self.excluded += seconds
+
     def __exit__(self, *exc) -> None:
-        wall = (self.ended or time.perf_counter()) - self.t0
+        wall = (self.ended or time.perf_counter()) - self.t0 - self.excluded
         record_run(self.study, self.storage_url, {
-            "wall_s": round(wall, 3), "gpus": self.gpus, "host": socket.gethostname(), "pid": os.getpid(),
+            "wall_s": round(wall, 3), "excluded_s": round(self.excluded, 3), "gpus": self.gpus, "host": socket.gethostname(), "pid": os.getpid(),
             "started": round(self.started, 3), "start_method": self.start_method,
             "trials": self.trials() if self.trials else None,
             "resident_slots": self.resident() if self.resident else 0})
@@ -98,6 +105,7 @@ class Efficiency:
     first_fixed_s: float | None = None  # the same for the first of them (lowest number)
     first_warmup_s: float | None = None
     resident_runs: int = 0  # runs in which a slot borrowed a resident worker (`harness warm up`)
+    unit: str = "GPU"       # what the runs held: GPUs, or (no trial on a GPU) a CPU
 
     @property
     def efficiency(self) -> float | None:
@@ -111,7 +119,7 @@ class Efficiency:
         """One line for the end of ``harness run``."""
         eff = self.efficiency
         parts = [f"sweep efficiency {eff:.1%}" if eff is not None else "sweep efficiency n/a",
-                 f"{self.train_gpu_s:,.1f} GPU-s training at steady pace of {self.wall_gpu_s:,.1f} GPU-s wall "
+                 f"{self.train_gpu_s:,.1f} {self.unit}-s training at steady pace of {self.wall_gpu_s:,.1f} {self.unit}-s wall "
                  f"({self.runs} run{'s' if self.runs != 1 else ''})"]
         tail = [f"{self.trials} trial{'s' if self.trials != 1 else ''} trained"]
         if self.trials_per_hour is not None:
@@ -164,4 +172,5 @@ def measure(study: optuna.Study) -> Efficiency | None:
         train_gpu_s=train_gpu_s, trials=len(trained), fixed_s=mean("fixed_s"), warmup_s=mean("warmup_s"),
         first_fixed_s=first.get("fixed_s"), first_warmup_s=first.get("warmup_s"),
         resident_runs=sum(1 for r in runs if r.get("resident_slots")),
+        unit="GPU" if any(t.user_attrs.get("device") == "cuda" for t in trained) or not trained else "CPU",
     )

@@ -446,12 +446,14 @@ def efficiency_lines(e: Efficiency | None) -> list[str]:
         "mean_warmup_s": e.warmup_s}], schema={
         "sweep_efficiency": pl.Float64, "training_gpu_s": pl.Float64, "wall_gpu_s": pl.Float64, "runs": pl.Int64,
         "trials": pl.Int64, "trials_per_hour": pl.Float64, "mean_fixed_s": pl.Float64, "mean_warmup_s": pl.Float64})
+    held = "the GPUs'" if e.unit == "GPU" else "the CPU's"
     return ["## Sweep efficiency", "",
-            (f"**{eff:.1%}** of the GPUs' time went to training: " if eff is not None else "")
-            + f"{e.train_gpu_s:,.1f} GPU-s of training at steady pace (each trial's steps × its median step after "
-            f"the warm-up) of {e.wall_gpu_s:,.1f} GPU-s held (each run's wall time, from starting its launcher to "
-            f"its last trial's end, × its GPUs). The rest: each trial's fixed cost (`fixed_s`, to its first step) "
-            f"and warm-up (`warmup_s`), evaluation, the study's preparation."
+            (f"**{eff:.1%}** of {held} time went to training: " if eff is not None else "")
+            + f"{e.train_gpu_s:,.1f} {e.unit}-s of training at steady pace (each trial's steps × its median step "
+            f"after the warm-up) of {e.wall_gpu_s:,.1f} {e.unit}-s held (each run's wall time, from starting its "
+            f"launcher to its last trial's end, × its {e.unit}s; a model built on its first use on this machine, "
+            f"such as a pretrained base, left out). The rest: each trial's fixed cost (`fixed_s`, to its first "
+            f"step) and warm-up (`warmup_s`), evaluation, the study's preparation."
             + (f" In {e.resident_runs} of its {e.runs} runs, slots borrowed resident workers (`harness warm up`): "
                "their import, and a load and compile an earlier study did, are not in the wall time."
                if e.resident_runs else ""), "",

@@ -149,7 +149,11 @@ def resolve_model(cfg: SweepConfig, on_progress: Progress | None = None) -> str:
 def prepare(cfg: SweepConfig, sweep_dir: Path, on_progress: Progress | None = None) -> Prepared:
     """The study's model and tokenized data (``sweep_dir``: where relative data paths start)."""
     start = time.perf_counter()
+    cached = not is_preset(cfg.model.name) or (preset_dir(
+        cfg.model.name, cfg.seed, cfg.model.pretrain.model_dump(exclude_none=True) if cfg.model.pretrain else None)
+        / "config.json").exists()
     model_dir = resolve_model(cfg, on_progress)
+    built_s = 0.0 if cached else time.perf_counter() - start
     tokens = prepare_tokens(cfg.data_spec(), model_dir, sweep_dir)
     base = None
     if (Path(model_dir) / "pretrain.json").exists():
@@ -158,6 +162,7 @@ def prepare(cfg: SweepConfig, sweep_dir: Path, on_progress: Progress | None = No
     return Prepared(
         base=base, model_dir=model_dir, train_tokens=tokens.train_tokens, val_tokens=tokens.val_tokens,
         stats=tokens.stats, prepare_s=round(time.perf_counter() - start, 3), from_cache=tokens.from_cache,
+        built_s=round(built_s, 3),
     )
 
 

@@ -43,8 +43,8 @@ from harness import env  # noqa: E402
 from harness.protocol import Channel, Closed, connect  # noqa: E402
 from harness.worker.trial import DriverGone, Link, TrialSpec, WorkerState, run_trial  # noqa: E402
 
-# Kept from the worker's own environment whatever a study sends: the GPU it was started on (CUDA
-# is initialised already) and its cache (compiled kernels, models, its socket's folder).
+# Kept from a resident worker's own environment whatever a study sends: the GPU it was started on
+# (CUDA is initialised already) and its cache (compiled kernels, models, its socket's folder).
 OWN_ENV = ("CUDA_VISIBLE_DEVICES", env.CACHE)
 
 
@@ -121,8 +121,9 @@ def serve_study(channel: Channel | None, worker: WorkerState, fork: bool, group=
             kind = message["kind"]
             if kind == "study":
                 study_dir = Path(message["study_dir"])
-                os.environ.clear()
-                os.environ.update({**message.get("env", {}), **{k: v for k, v in own_env.items() if k in OWN_ENV}})
+                if worker.resident:  # a study's own worker was started with its environment already
+                    os.environ.clear()
+                    os.environ.update({**message.get("env", {}), **{k: v for k, v in own_env.items() if k in OWN_ENV}})
                 if worker.base is not None:
                     worker.base.val_loss_start = None  # another study may validate on other rows
                 if lead:
