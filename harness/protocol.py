@@ -81,7 +81,11 @@ class Channel:
         while True:
             if self.closed:
                 raise Closed("the channel is closed")
-            ready, _, _ = select.select([self.sock], [], [], timeout)
+            try:
+                ready, _, _ = select.select([self.sock], [], [], timeout)
+            except (OSError, ValueError) as err:  # closed meanwhile, by another thread (Ctrl-C's clean-up)
+                self.closed = True
+                raise Closed(str(err)) from None
             if not ready:
                 return None
             try:
@@ -101,7 +105,10 @@ class Channel:
         """Whether the other end has closed, without taking anything from the channel."""
         if self.closed:
             return True
-        ready, _, _ = select.select([self.sock], [], [], 0)
+        try:
+            ready, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
         if not ready:
             return False
         try:

@@ -268,22 +268,6 @@ def _preload(worker: WorkerState, study_dir: Path | None) -> None:
         worker.base = None
 
 
-def _die_with_driver() -> None:
-    """A study's own worker ends when its driver does. Not by a parent-death signal: that follows
-    the driver's *thread* that started it (a slot's, which ends when its slot runs out of trials
-    while the driver still has the worker to close cleanly)."""
-    import threading
-
-    driver = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == driver:
-            time.sleep(1.0)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    threading.Thread(target=watch, name="die-with-driver", daemon=True).start()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.worker.serve")
     where = parser.add_mutually_exclusive_group(required=True)
@@ -298,7 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     if in_group or args.listen:
         die_with_parent()  # its torchrun agent, or its supervisor (`harness warm up`)
     else:
-        _die_with_driver()
+        # Not by a parent-death signal: that follows the driver's *thread* that started it (a
+        # slot's, which ends when its slot runs out of trials while the driver still has the
+        # worker to close cleanly).
+        from harness.worker.group import die_with_driver
+
+        die_with_driver()
     # Connect first, import after: the driver knows at once that its worker is there.
     channel = connect(args.connect, timeout=60) if args.connect and lead else None
     t0 = time.perf_counter()
