@@ -346,18 +346,18 @@ def test_mfu_against_the_measured_peak(monkeypatch):
     peak; None on CPU, for a point that did not train, and when the matmul itself runs out of memory."""
     import torch
 
-    from harness.bench import worker
+    from harness.bench import point
     from harness.worker import metrics
 
     assert metrics.measured_peak_flops("cpu") is None
     assert metrics.mfu(1e9, 400_000.0, 8e14) == 0.5 and metrics.mfu(1e9, 400_000.0, None) is None
     monkeypatch.setattr(metrics, "measured_peak_flops", lambda device: 8e14)
     out = {"status": "ok", "flops_per_token": 1e9, "tokens_per_s": 400_000.0}
-    worker._against_measured_peak("cuda", out)
+    point._against_measured_peak("cuda", out)
     assert out["peak_measured_flops"] == 8e14 and out["mfu_measured"] == 0.5
     for device, status in (("cpu", "ok"), ("cuda", "oom")):
         out = {"status": status, "flops_per_token": 1e9, "tokens_per_s": 400_000.0}
-        worker._against_measured_peak(device, out)
+        point._against_measured_peak(device, out)
         assert out["peak_measured_flops"] is out["mfu_measured"] is None
 
     def oom(device):
@@ -365,5 +365,5 @@ def test_mfu_against_the_measured_peak(monkeypatch):
 
     monkeypatch.setattr(metrics, "measured_peak_flops", oom)
     out = {"status": "ok", "flops_per_token": 1e9, "tokens_per_s": 400_000.0}
-    worker._against_measured_peak("cuda", out)
+    point._against_measured_peak("cuda", out)
     assert out["peak_measured_flops"] is out["mfu_measured"] is None

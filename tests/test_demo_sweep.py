@@ -12,31 +12,19 @@ import polars as pl
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, shipped_sweep, table_row
 
 pytestmark = [pytest.mark.timeout(1500), pytest.mark.slow]
 
 
-# The demo's base, pretrained on a sixth of the demo's tokens, in sequences half as long: the same
-# recipe otherwise (held-out loss 10.43 -> 6.17 here), minutes less in every test session; the
-# demo itself builds the full one.
-TEST_BASE = {"tokens": 65_536, "seq_len": 64}
-
-
 def demo_sweep(folder: Path, **changes) -> Path:
-    """sweeps/demo.yaml as a user has it, but for the test base (and ``changes``)."""
-    sweep = yaml.safe_load((ROOT / "sweeps/demo.yaml").read_text())
-    sweep["model"]["pretrain"] = TEST_BASE
-    sweep.update(changes)
-    path = folder / f"{sweep['study']}.yaml"
-    path.write_text(yaml.safe_dump(sweep))
-    return path
+    return shipped_sweep("demo", folder, **changes)
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, harness_cache):
     results = tmp_path_factory.mktemp("results")
-    proc = run_cli("run", str(demo_sweep(results.parent)), "--results-dir", str(results))
+    proc = run_cli("run", str(demo_sweep(tmp_path_factory.mktemp("sweep"))), "--results-dir", str(results))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return results / "demo", proc
 
@@ -97,7 +85,9 @@ def test_the_base_learns_and_fine_tuning_moves_well_below_it(demo):
     starts = df["val_loss_start"].drop_nulls()
     assert starts.len() == df.height and starts.n_unique() == 1, "every trial starts from the same base"
     best = load(study_dir).best_trial
-    assert best.value < starts[0] - 0.5, (best.value, starts[0])
+    # The tests' base (a sixth of the demo's pretraining) gains 0.35 on the KJV in these 12,000-token
+    # trials (measured here); the demo's own base about 1.0 (README).
+    assert best.value < starts[0] - 0.2, (best.value, starts[0])
     assert f"validation loss: base model {starts[0]:.4f}, best trial {best.number}" in proc.stdout
     assert "Base model: pretrained by the harness on shakespeare" in (study_dir / "summary.md").read_text()
 
@@ -138,7 +128,7 @@ def test_summary_and_plot(demo):
     for heading in ("## Best trial", "## Top 5", "## Per parameter", "## Data"):
         assert heading in text
     assert f"Trial {best.number}: validation loss **{best.value:.4f}**" in text
-    assert "| learning_rate |" in text and "| lora_r |" in text
+    assert table_row(text, "learning_rate") and table_row(text, "lora_r")
     assert (study_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

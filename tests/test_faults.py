@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 import yaml
 
-from conftest import ROOT, wait_for
+from conftest import ROOT, table_row, wait_for
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow,
               pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
@@ -102,7 +102,7 @@ def test_out_of_memory_is_infeasible_not_best_and_reported(faulty_study):
     row = df.filter(pl.col("number") == 5).row(0, named=True)
     assert row["outcome"] == "oom" and row["feasible"] is False and row["val_loss"] is None
     summary = (study_dir / "summary.md").read_text()
-    assert "## Infeasible trials" in summary and "## Failed trials" in summary and "| 4 | hang |" in summary
+    assert "## Infeasible trials" in summary and "## Failed trials" in summary and table_row(summary, 4, "hang")
 
 
 def test_a_killed_driver_is_resumed_without_losing_or_repeating(tmp_path, harness_cache):

@@ -8,16 +8,17 @@ import optuna
 import polars as pl
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, shipped_sweep, table_row
 
-pytestmark = pytest.mark.timeout(1500)
+pytestmark = [pytest.mark.timeout(1500), pytest.mark.slow]
 N_TRIALS = 5
 
 
 @pytest.fixture(scope="module")
 def multi(tmp_path_factory, harness_cache):
     results = tmp_path_factory.mktemp("results")
-    proc = run_cli("run", "sweeps/demo-multi.yaml", "--results-dir", str(results), "--n-trials", str(N_TRIALS))
+    sweep = shipped_sweep("demo-multi", tmp_path_factory.mktemp("sweep"), n_trials=N_TRIALS)
+    proc = run_cli("run", str(sweep), "--results-dir", str(results))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     study_dir = results / "demo-multi"
     return study_dir, optuna.load_study(study_name="demo-multi", storage=f"sqlite:///{study_dir / 'study.db'}")
@@ -56,7 +57,7 @@ def test_report_shows_the_front(multi):
     summary = (study_dir / "summary.md").read_text()
     assert "## Pareto front" in summary
     for t in study.best_trials:
-        assert f"| {t.number} |" in summary
+        assert table_row(summary, t.number)
     assert (study_dir / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     df = pl.read_parquet(study_dir / "trials.parquet")
     assert df.height == N_TRIALS and "pruned_by" in df.columns

@@ -231,7 +231,7 @@ def test_a_failing_init_never_fails_the_trial(wandb_env, tmp_path, capsys):
         tracker.log({"val_loss": 2.0}, step=1)
         tracker.summarize({"val_loss": 2.0})
     assert tracker.run is None
-    assert capsys.readouterr().err.count("W&B init failed") == 1
+    assert capsys.readouterr().err.count("W&B init for trial 1 failed") == 1
 
 
 def test_disabled_starts_nothing(wandb_env, tmp_path):

@@ -8,7 +8,8 @@ once, before any study, and keeps the base and what was compiled for the next st
 model. (In fork mode, on CPU hosts, it keeps only the import: every trial is a fresh fork.)
 
 It listens on a Unix socket (mode 0600, in a folder only its user may enter). A client has
-:data:`HELLO_TIMEOUT_S` to send its first line: ``{"kind": "study", ...}`` (a study borrowing it,
+:data:`HELLO_TIMEOUT_S` from its connection to send its first line (connections wait side by side:
+a silent one holds up no other): ``{"kind": "study", ...}`` (a study borrowing it,
 served as a study's own worker is, :func:`harness.worker.serve.serve_study`, until the client
 closes the connection; refused when it asks for the other mode, fork or warm) or ``{"kind":
 "status"}`` (one line about the worker). A client that says
@@ -25,6 +26,7 @@ starts a new one.
 from __future__ import annotations
 
 import os
+import select
 import time
 from pathlib import Path
 
@@ -38,23 +40,13 @@ HELLO_TIMEOUT_S = 5.0  # a study's launcher sends its first line as soon as it c
 def serve_resident(socket_path: Path, worker: WorkerState, fork: bool) -> int:
     started = time.time()
     server = listen(socket_path)
+    pending: dict[Channel, float] = {}  # connections yet to say what they want, and by when
     studies = 0
     print(f"[harness] resident worker {os.getpid()} ({'fork' if fork else 'warm'}): imported in "
           f"{worker.preimport_s:.1f}s, listening", flush=True)
     try:
         while worker.retire is None:
-            conn, _ = server.accept()
-            channel = Channel(conn)
-            try:
-                first = channel.recv(HELLO_TIMEOUT_S)
-            except Closed:
-                channel.close()
-                continue
-            if first is None or first["kind"] not in ("study", "status"):
-                print(f"[harness] dropped a client that sent {'nothing' if first is None else repr(first['kind'])} "
-                      f"within {HELLO_TIMEOUT_S:g} s", flush=True)
-                channel.close()
-                continue
+            channel, first = _next_client(server, pending)
             try:
                 if first["kind"] == "status":
                     base = worker.base.key.model_dir if worker.base is not None else None
@@ -80,6 +72,41 @@ def serve_resident(socket_path: Path, worker: WorkerState, fork: bool) -> int:
                 channel.close()
         print(f"[harness] this worker takes no more trials: {worker.retire}", flush=True)
     finally:
+        for channel in pending:
+            channel.close()
         server.close()
         socket_path.unlink(missing_ok=True)
     return 0
+
+
+def _next_client(server, pending: dict[Channel, float]) -> tuple[Channel, dict]:
+    """The next client to say, in time, what it wants (a ``study`` or a ``status``). Each connection
+    has :data:`HELLO_TIMEOUT_S` from its arrival to send its first line; one that stays silent is
+    dropped with a log line, and holds up no other meanwhile."""
+    while True:
+        now = time.monotonic()
+        for channel, deadline in list(pending.items()):
+            if deadline <= now:
+                print(f"[harness] dropped a client that sent nothing within {HELLO_TIMEOUT_S:g} s", flush=True)
+                del pending[channel]
+                channel.close()
+        timeout = max(0.0, min(pending.values()) - now) if pending else None
+        ready, _, _ = select.select([server, *pending], [], [], timeout)
+        for ready_one in ready:
+            if ready_one is server:
+                conn, _ = server.accept()
+                pending[Channel(conn)] = time.monotonic() + HELLO_TIMEOUT_S
+                continue
+            try:
+                first = ready_one.recv(0)
+            except Closed:
+                del pending[ready_one]
+                ready_one.close()
+                continue
+            if first is None:
+                continue  # part of a line so far
+            del pending[ready_one]
+            if first["kind"] in ("study", "status"):
+                return ready_one, first
+            print(f"[harness] dropped a client that sent {first['kind']!r}", flush=True)
+            ready_one.close()

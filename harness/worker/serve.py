@@ -134,7 +134,7 @@ def serve_study(channel: Channel | None, worker: WorkerState, fork: bool, group=
                 spec = TrialSpec(study_dir, int(message["number"]), message["params"], float(message["started_at"]),
                                  message["log"])
                 if fork:
-                    code = _forked(channel, spec)
+                    code = _forked(channel, spec, worker.resident)
                 else:
                     code, broken = _here(channel, spec, worker, group)
                     if broken:
@@ -196,7 +196,7 @@ def _ends_with_driver(channel: Channel | None):
         thread.join()
 
 
-def _forked(channel: Channel, spec: TrialSpec) -> int:
+def _forked(channel: Channel, spec: TrialSpec, resident: bool) -> int:
     """Run a trial in a fresh fork of this process (fork); its exit code, negative for a signal.
     The child speaks on the inherited channel; this process only waits for it, and kills it if the
     driver goes away meanwhile."""
@@ -212,7 +212,7 @@ def _forked(channel: Channel, spec: TrialSpec) -> int:
                       flush=True)
                 link = Link(Channel(channel.sock))  # a buffer of its own: nothing is pending for it
                 link.send("started", number=spec.number, pid=os.getpid())
-                report = run_trial(spec, link, None)
+                report = run_trial(spec, link, None, resident=resident)
                 link.send("report", report=report.to_dict())
                 code = 0 if report.failure is None else 1
         except DriverGone:

@@ -113,10 +113,12 @@ class WorkerState:
             self.retire = self.retire or f"{self.trials} trials, its max_trials"
 
 
-def run_trial(spec: TrialSpec, link: Link, worker: WorkerState | None = None, lead: bool = True) -> TrialReport:
+def run_trial(spec: TrialSpec, link: Link, worker: WorkerState | None = None, lead: bool = True,
+              resident: bool = False) -> TrialReport:
     """Train trial ``spec.number`` and return its report; an exception in it becomes the report's
     ``failure`` (out of memory, a non-finite loss, any other error), never an escape. Only
-    :class:`DriverGone` escapes: there is no one left to report to."""
+    :class:`DriverGone` escapes: there is no one left to report to. ``worker``: the warm worker it
+    runs in (None in a fork); ``resident``: a fork of a resident worker."""
     t0 = time.perf_counter()
     from harness.worker.serve import import_training_stack
 
@@ -125,6 +127,7 @@ def run_trial(spec: TrialSpec, link: Link, worker: WorkerState | None = None, le
     from harness.worker import loop as T
 
     report = TrialReport(number=spec.number, host=socket.gethostname(), pid=os.getpid())
+    report.metrics.resident_worker = resident or (worker is not None and worker.resident) or None
     state = _Progress()
     try:
         _train(spec, link, worker, report, state, import_s, t0, lead)
@@ -179,7 +182,6 @@ def _train(spec: TrialSpec, link: Link, worker: WorkerState | None, report: Tria
     if worker is not None:
         worker.trials += 1
         m.worker_trial = worker.trials
-        m.resident_worker = worker.resident or None
         if worker.trials == 1 and worker.preimport_s is not None:
             m.preimport_s = round(worker.preimport_s, 3)
     T.reset_peak_memory(device)
