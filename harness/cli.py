@@ -60,7 +60,7 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
         return code
     from harness.sweep.report import FIGURES, build_report
 
-    out = build_report(study_dir, cfg.storage)
+    out = build_report(study_dir, cfg.storage, figures=args.figures)
     if out["headline"]:
         console.print(out["headline"])
     if out["efficiency"]:
@@ -91,7 +91,7 @@ def _cmd_report(args: argparse.Namespace, console: Console) -> int:
     if not study_dir.is_dir():
         raise HarnessError(f"{study_dir}: no such study folder (expected results/<study>)")
     try:
-        out = build_report(study_dir, args.storage)
+        out = build_report(study_dir, args.storage, figures=args.figures)
     except FileNotFoundError as err:
         raise HarnessError(str(err)) from None
     except KeyError as err:
@@ -252,11 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--storage", help="Optuna storage URL (overrides the file; default SQLite in the study "
                                            "folder, which other hosts cannot share)")
         cmd.add_argument("--gpus", help="GPU pool on this host, e.g. 0,1,2,3: one trial per GPU at once")
+        cmd.add_argument("--no-figures", dest="figures", action="store_false",
+                         help="at the end, the tables alone (trials.parquet, summary.md), no plots")
         cmd.set_defaults(func=_cmd_run)
     report = sub.add_parser("report", help="rebuild trials.parquet, summary.md, curves.png and the other "
                                            "figures from the storage")
     report.add_argument("study_dir", help="results/<study>")
     report.add_argument("--storage", help="storage URL when the study is not in the folder's study.db")
+    report.add_argument("--no-figures", dest="figures", action="store_false", help="the tables alone, no plots")
     report.set_defaults(func=_cmd_report)
     b = sub.add_parser("bench", help="benchmark a fixed grid (Unsloth and/or the HF baseline), optionally against a baseline")
     b.add_argument("bench", help="bench file, e.g. bench/tiny-cpu.yaml")

@@ -554,11 +554,12 @@ def write_figures(study: optuna.Study, df: pl.DataFrame, study_dir: Path, analys
     return out
 
 
-def build_report(study_dir: Path, storage_url: str | None = None) -> dict:
+def build_report(study_dir: Path, storage_url: str | None = None, figures: bool = True) -> dict:
     """Rebuild ``trials.parquet``, ``summary.md``, ``curves.png`` and the other figures in
-    ``study_dir`` from the storage. Returns their paths (``parquet``, ``summary``, ``plot`` for the
-    curves, and ``importance``, ``parallel``, ``params``, ``pareto``: None where skipped), the
-    ``headline`` and the ``efficiency`` line (None without a recorded run)."""
+    ``study_dir`` from the storage (``figures=False``: the tables alone, seconds sooner). Returns
+    their paths (``parquet``, ``summary``, ``plot`` for the curves, and ``importance``,
+    ``parallel``, ``params``, ``pareto``: None where skipped), the ``headline`` and the
+    ``efficiency`` line (None without a recorded run)."""
     study_dir = Path(study_dir)
     url = storage_url or default_storage(study_dir)
     if storage_url is None and not (study_dir / "study.db").exists():
@@ -574,10 +575,13 @@ def build_report(study_dir: Path, storage_url: str | None = None) -> dict:
         df.write_parquet(tmp)
     analysis = analyse(study)
     write_text_atomic(out["summary"], summary_markdown(study, df, study_dir, analysis))
-    plot_curves(study, out["plot"])
+    if figures:
+        plot_curves(study, out["plot"])
+        drawn = write_figures(study, df, study_dir, analysis)
+    else:
+        out["plot"], drawn = None, dict.fromkeys(FIGURES)
     measured = measure(study)
-    return {**out, **write_figures(study, df, study_dir, analysis), "headline": headline(study, df),
-            "efficiency": measured.line() if measured else None}
+    return {**out, **drawn, "headline": headline(study, df), "efficiency": measured.line() if measured else None}
 
 
 def headline(study: optuna.Study, df: pl.DataFrame) -> str | None:
