@@ -91,6 +91,11 @@ class Metrics:
     worker_trial: int | None = None  # warm workers: this trial's number within its worker (1: its first)
     base_reused: bool | None = None  # warm workers: the base was already loaded by an earlier trial
     resident_worker: bool | None = None  # run by a worker that `harness warm up` started, kept between studies
+    # Concurrent trials (concurrent_trials > 1): the trials it shared the GPU with, and how many
+    # trials its iterations held (mean and most).
+    shared_with: list[int] | None = None
+    pack_size_mean: float | None = None
+    pack_size_max: int | None = None
     # Steady pace and warm-up (worker/step.step_timing), from the first seed's run. Speed is known
     # once steps settle; what the first steps cost beyond that pace is paid again by every trial.
     steady_step_s: float | None = None  # median optimizer step after budget.timing_warmup_steps

@@ -16,6 +16,7 @@ Torch-free: the driver imports it.
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import threading
 import time
@@ -23,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from harness.launch.workers import OwnWorker, ResidentWorker, WorkerHandle, child_env, log_tail, nvidia_visible
-from harness.protocol import Closed, private_dir
+from harness.launch.workers import CLOSED, OwnWorker, ResidentWorker, WorkerHandle, child_env, log_tail, nvidia_visible
+from harness.protocol import private_dir
 from harness.records import TrialReport
 
 OnEvent = Callable[[int, dict], None]      # (trial number, message): progress, for the display and W&B
@@ -57,6 +58,7 @@ class Launcher:
         self._workers: dict[str, WorkerHandle] = {}  # each slot's thread touches only its own key
         self._running: dict[int, tuple[WorkerHandle, int | None]] = {}
         self._lock = threading.Lock()
+        self._slot_locks: dict[str, threading.Lock] = {}
         self._prepared = False
         self._socket_dir: Path | None = None
         self.resident_slots: set[str] = set()
@@ -89,7 +91,12 @@ class Launcher:
                 "study (`harness warm up` keeps workers between studies)"]
 
     def _ensure(self, slot: str) -> WorkerHandle:
-        """The slot's worker: its current one if alive, else a borrowed resident one, else a new one."""
+        """The slot's worker: its current one if alive, else a borrowed resident one, else a new one
+        (one at a time per slot: a slot's concurrent trials share its worker)."""
+        with self._slot_locks.setdefault(slot, threading.Lock()):
+            return self._ensure_locked(slot)
+
+    def _ensure_locked(self, slot: str) -> WorkerHandle:
         worker = self._workers.get(slot)
         if worker is not None and worker.alive():
             return worker
@@ -129,14 +136,17 @@ class Launcher:
         worker = self._ensure(slot)
         with self._lock:
             self._running[number] = (worker, None)
+        messages = worker.subscribe(number)
         worker.send("trial", number=number, params=params, started_at=time.time(), log=str(log))
         report, code, done, hung, reached, retire, pid = None, None, False, False, False, None, worker.pid
         last = hung_at = time.monotonic()
         try:
             while True:
                 try:
-                    message = worker.channel.recv(1.0)
-                except Closed:
+                    message = messages.get(timeout=1.0)
+                except queue.Empty:
+                    message = None
+                if message is CLOSED:
                     break  # the worker is gone
                 now = time.monotonic()
                 if message is None:
@@ -158,10 +168,7 @@ class Launcher:
                         self._running[number] = (worker, pid)
                 elif kind in ("eval", "finished"):  # questions: the driver answers (and shows) them
                     reached = True
-                    try:
-                        worker.channel.send("answer", **on_ask(number, message))
-                    except Closed:
-                        break
+                    worker.send("answer", number=number, **on_ask(number, message))
                     continue
                 elif kind == "report":
                     report = TrialReport.from_dict(message["report"])
@@ -171,6 +178,7 @@ class Launcher:
                 reached |= kind == "step" or (kind == "phase" and message.get("phase") == "training")
                 on_event(number, message)
         finally:
+            worker.unsubscribe(number)
             with self._lock:
                 self._running.pop(number, None)
         if not done:  # the worker died, or was killed: let it go
@@ -180,10 +188,12 @@ class Launcher:
                 # trial's log, so the failure's reason is not lost.
                 log.write_bytes(worker.log.read_bytes())
         if not done or retire:
-            worker.close()
-            self._workers.pop(slot, None)
-            if more:
-                self._ensure(slot)
+            with self._slot_locks.setdefault(slot, threading.Lock()):
+                if self._workers.get(slot) is worker:  # not already replaced by another of the slot's trials
+                    worker.close()
+                    self._workers.pop(slot, None)
+                    if more:
+                        self._ensure_locked(slot)
         if hung and report is not None and report.failure is None:
             report = None  # a killed trial's report, if any, is not the whole story
         return TrialRun(report, code, hung, reached or bool(report and report.reached_training), log_tail(log), pid)

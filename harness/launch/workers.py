@@ -9,9 +9,11 @@ Torch-free: the driver imports it.
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -57,8 +59,13 @@ def torchrun_command(nproc: int, command: list[str]) -> list[str]:
     return ["-m", "harness.worker.group", "--standalone", f"--nproc_per_node={nproc}", *command]
 
 
+CLOSED = {"kind": "closed"}  # what a trial's queue gets once its worker's channel has closed
+
+
 class WorkerHandle:
-    """A worker as its launcher holds it: its channel (opened on first use), its process id."""
+    """A worker as its launcher holds it: its channel (opened on first use), its process id, and
+    a reader thread that hands each message to the queue of the trial it names (a worker may train
+    several of the slot's trials at once: ``concurrent_trials``)."""
 
     resident = False
     log: Path | None = None  # its own output, between trials
@@ -69,6 +76,42 @@ class WorkerHandle:
         self._channel: Channel | None = None
         self.killed = False
         self.why: str | None = None  # why its channel could not be opened
+        self._queues: dict[int, queue.Queue] = {}
+        self._lock = threading.Lock()  # sends, and the queues
+        self._reader: threading.Thread | None = None
+        self.closed = False  # its channel closed: no more messages will come
+
+    def subscribe(self, number: int) -> queue.Queue:
+        """Trial ``number``'s messages, from now on (:data:`CLOSED` once the worker is gone)."""
+        q: queue.Queue = queue.Queue()
+        with self._lock:
+            self._queues[number] = q
+            if self.closed:
+                q.put(CLOSED)
+        return q
+
+    def unsubscribe(self, number: int) -> None:
+        with self._lock:
+            self._queues.pop(number, None)
+
+    def _start_reader(self) -> None:
+        def read() -> None:
+            try:
+                while True:
+                    message = self._channel.recv()
+                    with self._lock:
+                        q = self._queues.get(message.get("number"))
+                    if q is not None:
+                        q.put(message)
+            except Closed:
+                pass
+            with self._lock:
+                self.closed = True
+                for q in self._queues.values():
+                    q.put(CLOSED)
+
+        self._reader = threading.Thread(target=read, name=f"worker-{self.pid}-reader", daemon=True)
+        self._reader.start()
 
     @property
     def channel(self) -> Channel:
@@ -81,8 +124,13 @@ class WorkerHandle:
                 self._channel = self._open()
             except HarnessError as err:
                 self.why = str(err)
+                with self._lock:
+                    self.closed = True
+                    for q in self._queues.values():
+                        q.put(CLOSED)
                 raise Closed(self.why) from None
             self._channel.send("study", study_dir=str(self.study_dir), env=self.env)
+            self._start_reader()
         return self._channel
 
     def _open(self) -> Channel:
@@ -91,7 +139,9 @@ class WorkerHandle:
     def send(self, kind: str, **fields) -> None:
         """A message to the worker; a dead one is found by the trial's watch, not here."""
         try:
-            self.channel.send(kind, **fields)
+            channel = self.channel
+            with self._lock:
+                channel.send(kind, **fields)
         except Closed:
             pass
 
@@ -192,6 +242,7 @@ class ResidentWorker(WorkerHandle):
     def __init__(self, study_dir: Path, env: dict[str, str], channel: Channel, pid: int):
         super().__init__(study_dir, env)
         self._channel, self.pid = channel, pid
+        self._start_reader()
 
     @classmethod
     def borrow(cls, gpu: str, study_dir: Path, env: dict[str, str], fork: bool) -> "ResidentWorker | None":
@@ -220,7 +271,7 @@ class ResidentWorker(WorkerHandle):
         return cls(study_dir, env, channel, int(ready["pid"]))
 
     def alive(self) -> bool:
-        return not self._channel.peer_gone() and pid_alive(self.pid)
+        return not self.closed and pid_alive(self.pid)
 
     def kill(self) -> None:
         self.killed = True

@@ -309,6 +309,9 @@ class SweepConfig(_Strict):
     # warm: a worker runs at most this many trials before a fresh one replaces it
     worker_max_trials: int = Field(default=50, ge=1)
     gpus_per_trial: int = Field(default=1, ge=1)  # > 1: a warm group under torchrun, a process per GPU (Gloo on CPU)
+    # > 1: a warm worker trains up to this many LoRA trials at once on its one base, each on its own
+    # rows of one combined batch (harness/worker/pack.py)
+    concurrent_trials: int = Field(default=1, ge=1)
     model: ModelConfig
     dataset: DatasetConfig = DatasetConfig()
     max_seq_length: int = Field(default=256, gt=1)
@@ -379,6 +382,28 @@ class SweepConfig(_Strict):
                     raise ValueError("give objective or objectives, not both")
             data = {**data, "objective": derived}
         return data
+
+    @model_validator(mode="after")
+    def _concurrent_trials(self) -> "SweepConfig":
+        """What trials that share a base's forward pass can be: LoRA adapters on one GPU, one seed,
+        padded (or naively packed) micro-batches, in a warm worker."""
+        if self.concurrent_trials == 1:
+            return self
+        space = self.search_space
+
+        def values(name: str) -> list:
+            dim = space.searched().get(name)
+            return list(dim.choices) if isinstance(dim, Choices) else [space.fixed().get(name)]
+
+        why = ("start_method: fork (each trial a fork of its own)" if self.start_method == "fork" else
+               f"gpus_per_trial: {self.gpus_per_trial}" if self.gpus_per_trial > 1 else
+               f"seeds: {self.seeds}" if self.seeds > 1 else
+               "method: full (it trains the base itself)" if "full" in values("method") else
+               "packing: padding_free" if "padding_free" in values("packing") else None)
+        if why:
+            raise ValueError(f"concurrent_trials: {self.concurrent_trials} needs warm workers training LoRA trials of "
+                             f"one seed on one GPU each; this sweep has {why}")
+        return self
 
     @model_validator(mode="after")
     def _objectives(self) -> "SweepConfig":

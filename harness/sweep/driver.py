@@ -173,7 +173,30 @@ def run_sweep(
         if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)],
         margin=cfg.predicted_oom_margin)
 
-    def slot_loop(slot: str, display: Display) -> None:
+    # Concurrent trials: a slot's lanes share its worker; the trials on each slot now, by lane, and
+    # the condition a lane waits on until the pack has room (in memory) for its trial.
+    lanes = {slot: [slot] if cfg.concurrent_trials == 1 else [f"{slot}.{i}" for i in range(cfg.concurrent_trials)]
+             for slot in slots}
+    on_slot: dict[str, dict[str, dict]] = {slot: {} for slot in slots}
+    room = {slot: threading.Condition() for slot in slots}
+
+    def wait_for_room(slot: str, lane: str, params: dict) -> str | None:
+        """Hold a lane's trial until the slot's pack, with it, is predicted to fit (memory_budget_mib
+        or the card); its place taken. A reason when it cannot fit even alone."""
+        with room[slot]:
+            while True:
+                fits, why = memory.pack_fits([*on_slot[slot].values(), params])
+                if fits or not on_slot[slot]:
+                    on_slot[slot][lane] = params
+                    return None if fits else why
+                room[slot].wait(cfg.fault_tolerance.heartbeat_s)
+
+    def leave_room(slot: str, lane: str) -> None:
+        with room[slot]:
+            on_slot[slot].pop(lane, None)
+            room[slot].notify_all()
+
+    def slot_loop(slot: str, lane: str, display: Display) -> None:
         while not stop.is_set():
             if deadline is not None and time.monotonic() >= deadline:
                 console.print("timeout reached: no new trials are started")
@@ -191,7 +214,7 @@ def run_sweep(
                 continue
             retry_of = next((t.system_attrs.get("failed_trial") for t in study.get_trials(deepcopy=False)
                              if t.number == trial.number), None)
-            display.start_trial(slot, trial.number, params, retry_of)
+            display.start_trial(lane, trial.number, params, retry_of)
             prediction, too_big = memory.check(params)
             if prediction is not None:  # goes into the trial's record below, whatever its outcome
                 predicted = dict(predicted_mem_mib=round(prediction.peak_mib, 1),
@@ -201,21 +224,26 @@ def run_sweep(
                 skipped = outcome.predicted_oom(trial.number, too_big)
                 skipped.metrics.update(**predicted)
                 record_result(study, trial, skipped, cfg.fault_tolerance.max_retries, driver_id, cfg.memory_budget_mib)
-                display.end_trial(slot, skipped, study, False)
+                display.end_trial(lane, skipped, study, False)
                 counts["ran"] += 1
                 continue
-            running[slot] = trial
-            session = TrialSession(study, trial, cfg, params, slot, display, study_dir)
+            running[lane] = trial
+            session = TrialSession(study, trial, cfg, params, lane, display, study_dir)
             with heartbeat(study, trial), session.tracker:
-                run = launcher.run(trial.number, params, slot, session.on_event, session.on_ask,
-                                   more=counted_trials(study) < cfg.n_trials)
+                if cfg.concurrent_trials > 1:
+                    wait_for_room(slot, lane, params)
+                try:
+                    run = launcher.run(trial.number, params, slot, session.on_event, session.on_ask,
+                                       more=counted_trials(study) < cfg.n_trials)
+                finally:
+                    leave_room(slot, lane)
                 end = outcome.ProcessEnd(run.code, run.hung, cfg.budget.hang_timeout_s, run.reached_training,
                                          launcher.name, run.log_tail)
                 result = outcome.decide(trial.number, run.report, end, cfg, session.pruned)
                 session.tracker.failed = result.state == "fail"
                 if not stop.is_set():
                     session.tracker.summarize({"outcome": result.outcome, **result.metrics.present()})
-            running.pop(slot, None)
+            running.pop(lane, None)
             if stop.is_set():
                 return
             if prediction is not None:
@@ -226,7 +254,7 @@ def run_sweep(
                                     cfg.objective.target)
             write_text_atomic(study_dir / "trials" / str(trial.number) / "result.json", result.to_json())
             promote(study, study_dir, trial.number)
-            display.end_trial(slot, result, study, retried)
+            display.end_trial(lane, result, study, retried)
             counts["ran"] += 1
             counts["trained"] += result.reached_training
             if result.outcome == "infrastructure" and not retried:
@@ -243,9 +271,9 @@ def run_sweep(
             console.print(note, highlight=False)
         clock.exclude(_prepare(cfg, study, sweep_dir, study_dir, console))
         launcher.prepared()
-        with Display(console, cfg.n_trials, done, list(slots)) as display:
-            threads = [threading.Thread(target=slot_loop, args=(slot, display), name=f"slot-{slot}", daemon=True)
-                       for slot in slots]
+        with Display(console, cfg.n_trials, done, [lane for slot in slots for lane in lanes[slot]]) as display:
+            threads = [threading.Thread(target=slot_loop, args=(slot, lane, display), name=f"lane-{lane}", daemon=True)
+                       for slot in slots for lane in lanes[slot]]
             for t in threads:
                 t.start()
             try:

@@ -330,6 +330,22 @@ def predict(cfg: Any, params: Mapping[str, Any] | None = None, arch: Mapping[str
     return Prediction(total_mib=sum(parts.values()), parts=parts)
 
 
+# What trials trained together on one base hold once (the base and the process's fixed costs);
+# every other part is each trial's own, all live at once in a combined step.
+SHARED_PARTS = ("cuda_context", "weights", "overhead")
+
+
+def pack_prediction(preds: list[Prediction]) -> Prediction:
+    """The peak of trials trained together on one base (concurrent trials): the shared parts once,
+    each trial's adapters, optimizer state, activations and transients summed (their micro-batches
+    are one combined batch), the allocator's share with them. A conservative sum: the largest
+    transient of a combined step is below the sum of the trials' own."""
+    names = {name for pred in preds for name in pred.parts}
+    parts = {name: (max if name in SHARED_PARTS else sum)(pred.parts.get(name, 0.0) for pred in preds)
+             for name in names}
+    return Prediction(total_mib=sum(parts.values()), parts=parts)
+
+
 def over_limit(pred: Prediction, limit_mib: float, margin: float = 0.05, *, include_context: bool = True) -> bool:
     """Whether the prediction, with ``margin`` to spare, goes over ``limit_mib``:
     predicted x (1 + margin) > limit.
@@ -574,6 +590,19 @@ class StudyMemory:
             return pred, (f"predicted out of memory: {pred.total_mib:,.0f} MiB predicted with the CUDA context "
                           f"(+{self.margin:.0%} margin) is over the card's {self.card_mib:,.0f} MiB; not run")
         return pred, None
+
+    def pack_fits(self, params_list: list[Mapping]) -> tuple[bool, str | None]:
+        """Whether trials trained together on one base (``concurrent_trials``) are predicted to fit
+        (memory_budget_mib, or the card); with the reason when not. Unpredictable: they fit."""
+        if self.arch is None or not self.skip or not params_list:
+            return True, None
+        pred = pack_prediction([self.calibration.apply(predict(self.cfg, p, self.arch)) for p in params_list])
+        budget = self.cfg.memory_budget_mib
+        if budget and over_limit(pred, budget, self.margin, include_context=False):
+            return False, f"a pack of {len(params_list)} predicted at {pred.peak_mib:,.0f} MiB, over memory_budget_mib"
+        if self.card_mib and over_limit(pred, self.card_mib, self.margin):
+            return False, f"a pack of {len(params_list)} predicted at {pred.total_mib:,.0f} MiB, over the card"
+        return True, None
 
     def learn(self, params: Mapping, attrs: Mapping) -> None:
         before = len(self.pairs)

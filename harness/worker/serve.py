@@ -130,6 +130,17 @@ def serve_study(channel: Channel | None, worker: WorkerState, fork: bool, group=
                     channel.send("ready", pid=os.getpid(), resident=worker.resident, fork=fork)
             elif kind == "preload" and not fork:
                 _preload(worker, study_dir)
+            elif kind == "trial" and not fork and group is None and _concurrent(study_dir) > 1:
+                # Concurrent trials: a pack takes this study's trials from here on, until it closes.
+                from harness.worker.pack import PackTrainer
+
+                pack = PackTrainer(worker, study_dir, _concurrent(study_dir), channel)
+                try:
+                    pack.serve(message)
+                except Closed:
+                    return False
+                finally:
+                    pack.close()
             elif kind == "trial":
                 spec = TrialSpec(study_dir, int(message["number"]), message["params"], float(message["started_at"]),
                                  message["log"])
@@ -148,14 +159,20 @@ def serve_study(channel: Channel | None, worker: WorkerState, fork: bool, group=
         torch.set_num_threads(own_threads)  # a study may have set its share (OMP_NUM_THREADS)
 
 
+def _concurrent(study_dir: Path) -> int:
+    from harness.sweep.config import SweepConfig
+
+    return SweepConfig.model_validate_json((study_dir / "sweep.json").read_text()).concurrent_trials
+
+
 def _here(channel: Channel | None, spec: TrialSpec, worker: WorkerState, group) -> tuple[int, bool]:
     """Run a trial in this process (warm); (exit code, whether the group broke)."""
     lead = group is None or group.lead
-    link = Link(channel if lead else None)
+    link = Link(channel if lead else None, spec.number)
     broken = False
     with output_to(spec.log), _ends_with_driver(channel if lead and worker.resident else None):
         print(f"[harness] trial {spec.number}: worker {os.getpid()} on {os.uname().nodename}", flush=True)
-        link.send("started", number=spec.number, pid=os.getpid())
+        link.send("started", pid=os.getpid())
         report = run_trial(spec, link, worker, lead)
         worker.after_trial(report, full=spec.params.get("method") == "full")
         if group is not None:
@@ -210,8 +227,8 @@ def _forked(channel: Channel, spec: TrialSpec, resident: bool) -> int:
             with output_to(spec.log):
                 print(f"[harness] trial {spec.number}: process {os.getpid()} forked from worker {os.getppid()}",
                       flush=True)
-                link = Link(Channel(channel.sock))  # a buffer of its own: nothing is pending for it
-                link.send("started", number=spec.number, pid=os.getpid())
+                link = Link(Channel(channel.sock), spec.number)  # a buffer of its own: nothing is pending for it
+                link.send("started", pid=os.getpid())
                 report = run_trial(spec, link, None, resident=resident)
                 link.send("report", report=report.to_dict())
                 code = 0 if report.failure is None else 1

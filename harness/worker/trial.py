@@ -30,22 +30,23 @@ class DriverGone(RuntimeError):
 
 
 class Link:
-    """A trial's side of the channel: events to the driver, and questions it answers. Silent on
-    the ranks of a group but the lead one (``channel`` None): rank 0 speaks for the group."""
+    """Trial ``number``'s side of the channel: events to the driver (each names the trial: a worker
+    may train several at once), and questions it answers. Silent on the ranks of a group but the
+    lead one (``channel`` None): rank 0 speaks for the group."""
 
-    def __init__(self, channel: Channel | None):
-        self.channel = channel
+    def __init__(self, channel: Channel | None, number: int):
+        self.channel, self.number = channel, number
 
     def send(self, kind: str, **fields: Any) -> None:
         if self.channel is None:
             return
         try:
-            self.channel.send(kind, **fields)
+            self.channel.send(kind, number=self.number, **fields)
         except Closed as err:
             raise DriverGone(str(err)) from None
 
     def ask(self, kind: str, **fields: Any) -> dict:
-        """Send, then wait for the driver's ``answer`` (nothing else comes while a trial runs)."""
+        """Send, then wait for the driver's ``answer`` (nothing else comes while a lone trial runs)."""
         if self.channel is None:
             return {}
         self.send(kind, **fields)
