@@ -71,6 +71,7 @@ def main() -> int:
     opt = lent = None
     base.give_back()
     _plain_forwards(base.model)
+    base.model.enable_input_require_grads()  # checkpointed blocks pass gradients to adapters inside them (PackTrainer does so too)
 
     # The pack path: K adapters in one bank, one combined forward and backward, one AdamW per slot.
     for k in ks:
@@ -90,8 +91,11 @@ def main() -> int:
             bank.adamw(list(range(k)), [1e-4] * k, [0.0] * k, [1] * k)  # the pack's AdamW, all slots at once
 
         try:
+            before = {key: t.detach().clone() for key, t in bank.A.items()}
             s, peak = timed(pack_step, steps)
-            point = {"path": "pack", "k": k, "step_s": s, "tokens_per_s": rows * tokens * k / s, "peak_mib": peak}
+            moved = sum(int(not torch.equal(before[key], t)) for key, t in bank.A.items())
+            point = {"path": "pack", "k": k, "step_s": s, "tokens_per_s": rows * tokens * k / s, "peak_mib": peak,
+                     "adapted_layers_trained": moved, "adapted_layers": len(bank.A)}
         except torch.OutOfMemoryError as err:
             point = {"path": "pack", "k": k, "oom": str(err)[:200]}
         results["points"].append(point)

@@ -95,6 +95,10 @@ class PackTrainer:
         self.base = worker.base
         self.model = self.base.model
         _plain_forwards(self.model)
+        if str(self.cfg.model.gradient_checkpointing).lower() != "false" and hasattr(self.model, "enable_input_require_grads"):
+            # Checkpointed blocks pass gradients to the adapters inside them only when their input
+            # requires a gradient (the embeddings are frozen): as PEFT prepares a model for it.
+            self.model.enable_input_require_grads()
         self.capacity = self.limit = capacity
         r_max = max(_ranks(self.cfg))
         # The adapters' dtype: PEFT's for this base (what a trial alone trains), read off one lent adapter.
