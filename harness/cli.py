@@ -21,6 +21,7 @@ from harness.files import write_json_atomic, write_text_atomic
 def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     from harness.sweep.config import load_sweep
     from harness.sweep.driver import run_sweep
+    from harness.sweep.signals import EXIT_CODE, Terminated
 
     cfg = load_sweep(args.sweep)
     updates = {}
@@ -53,6 +54,12 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     except TrialsCannotRun as err:
         console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         code = 1
+    except Terminated:
+        # The scheduler's grace period is short (Slurm's KillWait: 30 s): no tables here; any
+        # other driver's, or `harness report --storage`, makes them from the storage.
+        console.print("terminated (SIGTERM): the running trials are marked interrupted and run again first, "
+                      "on another driver or the next run; no tables written", highlight=False)
+        return EXIT_CODE
     if importlib.util.find_spec("polars") is None:
         if line := _efficiency_line(cfg, study_dir):
             console.print(line, highlight=False)
@@ -237,6 +244,51 @@ def _cmd_predict(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _cmd_submit(args: argparse.Namespace, console: Console) -> int:
+    """``harness submit slurm|k8s``: the study's drivers as a scheduler's array of tasks."""
+    from harness.cluster import secrets
+    from harness.sweep.config import load_sweep
+
+    cfg = load_sweep(args.sweep)
+    url = args.storage or cfg.storage
+    if not url:
+        raise HarnessError("harness submit: the tasks share one study: give --storage postgresql://user@host/db "
+                           "(or storage: in the sweep file)")
+    if args.n_trials is not None and args.n_trials <= 0:
+        raise HarnessError(f"--n-trials must be > 0 (got {args.n_trials})")
+    storage = secrets.split(url)
+    common = dict(sweep=Path(args.sweep).resolve(), study=cfg.study, results_dir=Path(args.results_dir).resolve(),
+                  storage=storage, workers=args.workers, cpus_per_worker=args.cpus_per_worker, n_trials=args.n_trials)
+    if args.scheduler == "slurm":
+        from harness.cluster import slurm
+
+        job = slurm.SlurmJob(**common, gpus_per_worker=args.gpus_per_worker or 0, partition=args.partition,
+                             time=args.time, requeue=args.requeue,
+                             pgpass=secrets.pgpass_path(cfg.study) if storage.password is not None else None)
+        if args.dry_run:
+            print(slurm.render(job), end="")
+            return 0
+        if storage.password is not None:
+            secrets.write_pgpass(cfg.study, storage)
+        job_id = slurm.submit(job)
+        console.print(f"submitted {job.script_path} as job {job_id}: {args.workers} tasks, each a `harness join` "
+                      f"on {storage.url}; logs {job.folder}/{job_id}_<task>.out; watch with `squeue -j {job_id}`; "
+                      f"the tables: `harness report {job.study_dir} --storage {storage.url}`", highlight=False)
+        return 0
+    from harness.cluster import k8s
+
+    kjob = k8s.K8sJob(**common, image=args.image, secret=args.secret, results_claim=args.results_claim,
+                      gpus_per_worker=1 if args.gpus_per_worker is None else args.gpus_per_worker,
+                      namespace=args.namespace)
+    if args.dry_run:
+        print(k8s.render(kjob), end="")
+        return 0
+    out = k8s.apply(kjob)
+    console.print(f"{out}\napplied {kjob.path}: {args.workers} pods; watch with "
+                  f"`kubectl get pods -l harness/study={k8s.dns_name(cfg.study)}`", highlight=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description="Optuna sweeps of Unsloth LoRA fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -255,6 +307,36 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--no-figures", dest="figures", action="store_false",
                          help="at the end, the tables alone (trials.parquet, summary.md), no plots")
         cmd.set_defaults(func=_cmd_run)
+    submit = sub.add_parser("submit", help="run a study's drivers on a cluster: a Slurm array job or a "
+                                           "Kubernetes Indexed Job, each task a `harness join` on the shared storage")
+    schedulers = submit.add_subparsers(dest="scheduler", required=True)
+    for name, help_ in (("slurm", "an sbatch array of --workers tasks (the script: results/<study>/slurm/job.sbatch)"),
+                        ("k8s", "an Indexed Job of --workers pods (the manifest: results/<study>/k8s/job.yaml)")):
+        sc = schedulers.add_parser(name, help=help_)
+        sc.add_argument("sweep", help="sweep file, e.g. sweeps/demo.yaml")
+        sc.add_argument("--workers", type=int, required=True, help="tasks (drivers) to start, each joining the study")
+        sc.add_argument("--storage", help="the shared storage, postgresql://user:password@host/db (the password "
+                                          "reaches the tasks through a file or a Secret, never the script)")
+        sc.add_argument("--gpus-per-worker", type=int,
+                        help="GPUs per task, each one a slot of its driver (default: slurm 0, k8s 1)")
+        sc.add_argument("--cpus-per-worker", type=int, help="CPU cores per task")
+        sc.add_argument("--n-trials", type=int, help="the study's total number of trials (overrides the file)")
+        sc.add_argument("--results-dir", default="results", help="the study's results folder, on a filesystem "
+                                                                 "the nodes share (default: results)")
+        sc.add_argument("--dry-run", action="store_true", help="print the script or manifest; submit nothing")
+        if name == "slurm":
+            sc.add_argument("--partition", help="Slurm partition")
+            sc.add_argument("--time", help="time limit per task (sbatch's forms: minutes, HH:MM:SS, D-HH:MM, ...)")
+            sc.add_argument("--requeue", action="store_true",
+                            help="a preempted or failed-node task goes back in the queue and joins again")
+        else:
+            sc.add_argument("--image", required=True, help="container image with the harness installed")
+            sc.add_argument("--secret", help="the Secret holding the storage password under key `password` "
+                                             "(default harness-<study>-storage; created from --storage's password)")
+            sc.add_argument("--results-claim", help="a ReadWriteMany PersistentVolumeClaim for the results folder "
+                                                    "(without it, rebuild the tables with `harness report --storage`)")
+            sc.add_argument("--namespace", help="Kubernetes namespace")
+        sc.set_defaults(func=_cmd_submit)
     report = sub.add_parser("report", help="rebuild trials.parquet, summary.md, curves.png and the other "
                                            "figures from the storage")
     report.add_argument("study_dir", help="results/<study>")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -24,6 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from harness import faults
+from harness.cluster import placement
 from harness.errors import HarnessError, TrialsCannotRun
 from harness.files import write_json_atomic, write_text_atomic
 from harness.launch import Launcher, default_start_method, make_launcher, nvidia_visible, run_prepare
@@ -36,11 +38,16 @@ from harness.sweep.display import Display
 from harness.sweep.efficiency import RunClock
 from harness.sweep.storage import default_storage, fail_stale, heartbeat, redact, study_lock
 from harness.sweep.predict import StudyMemory
+from harness.sweep.signals import Terminated, sigterm_raises
 from harness.sweep.study import counted_trials, create_study, enqueue_first, finished_count, record_result, suggest, trial_params
 from harness.sweep.trackers import WandbTracker
 from harness.sweep.wandb_check import study_wandb_mode
 
 WAIT = "wait"
+TAKEN_BACK = "stopped by SIGTERM (a scheduler's preemption, time limit or scancel): it runs again, first"
+# An interrupted trial says nothing about its config and is not its driver's fault: it is always
+# queued again (a task preempted twice loses nothing), unlike a failure, which max_retries bounds.
+INTERRUPTED_RETRIES = 10**6
 
 
 def _next_trial(study: optuna.Study, cfg: SweepConfig) -> optuna.Trial | str | None:
@@ -127,8 +134,16 @@ def run_sweep(
 
     With ``gpus``, one trial runs on each listed GPU at once. Several drivers (``harness join``)
     may share one study through its storage; ``n_trials`` holds across all of them. Raises
-    :class:`TrialsCannotRun` when a trial could not get to train after its retries.
+    :class:`TrialsCannotRun` when a trial could not get to train after its retries, and
+    :class:`~harness.sweep.signals.Terminated` on SIGTERM, once the running trials are recorded
+    as interrupted.
     """
+    with sigterm_raises() as terminating:
+        return _run_sweep(cfg, sweep_dir, results_dir, console, gpus, join, terminating)
+
+
+def _run_sweep(cfg: SweepConfig, sweep_dir: Path, results_dir: Path, console: Console | None,
+               gpus: list[int] | None, join: bool, terminating: threading.Event) -> int:
     console = console or Console()
     study_dir = (results_dir / cfg.study).resolve()
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -165,7 +180,11 @@ def run_sweep(
     deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
     next_lock = threading.Lock()
     stop, waiting = threading.Event(), threading.Event()
+    # Each lane's trial while it runs. Whoever takes it out (its lane when it ends, or the
+    # interrupt) records it: never both.
     running: dict[str, optuna.Trial] = {}
+    running_lock = threading.Lock()
+    where = placement()  # the scheduler's task this driver is, if any: on each trial
     counts = {"ran": 0, "trained": 0}
     cannot_run: list[TrialResult] = []
     memory = StudyMemory(cfg, sweep_dir, [
@@ -214,6 +233,8 @@ def run_sweep(
                 continue
             retry_of = next((t.system_attrs.get("failed_trial") for t in study.get_trials(deepcopy=False)
                              if t.number == trial.number), None)
+            for key, value in where.items():
+                trial.set_user_attr(key, value)
             display.start_trial(lane, trial.number, params, retry_of)
             prediction, too_big = memory.check(params)
             if prediction is not None:  # goes into the trial's record below, whatever its outcome
@@ -227,7 +248,8 @@ def run_sweep(
                 display.end_trial(lane, skipped, study, False)
                 counts["ran"] += 1
                 continue
-            running[lane] = trial
+            with running_lock:
+                running[lane] = trial
             session = TrialSession(study, trial, cfg, params, lane, display, study_dir)
             with heartbeat(study, trial), session.tracker:
                 if cfg.concurrent_trials > 1:
@@ -240,18 +262,22 @@ def run_sweep(
                 end = outcome.ProcessEnd(run.code, run.hung, cfg.budget.hang_timeout_s, run.reached_training,
                                          launcher.name, run.log_tail)
                 result = outcome.decide(trial.number, run.report, end, cfg, session.pruned)
+                if result.state == "fail" and (terminating.is_set() or run.code in (-signal.SIGTERM, -signal.SIGINT)):
+                    # Its process got the scheduler's SIGTERM too (Slurm signals the whole task),
+                    # maybe before this driver did: no crash, an interruption.
+                    result = outcome.interrupted(trial.number, TAKEN_BACK)
                 session.tracker.failed = result.state == "fail"
                 if not stop.is_set():
                     session.tracker.summarize({"outcome": result.outcome, **result.metrics.present()})
-            running.pop(lane, None)
-            if stop.is_set():
-                return
+            with running_lock:
+                if running.pop(lane, None) is None:
+                    return  # interrupted: the interrupt recorded it
             if prediction is not None:
                 result.metrics.update(**predicted)
                 if result.outcome in ("complete", "pruned", "over_budget"):
                     memory.learn(params, result.metrics.present())
-            retried = record_result(study, trial, result, cfg.fault_tolerance.max_retries, driver_id, cfg.memory_budget_mib,
-                                    cfg.objective.target)
+            retries = INTERRUPTED_RETRIES if result.outcome == "interrupted" else cfg.fault_tolerance.max_retries
+            retried = record_result(study, trial, result, retries, driver_id, cfg.memory_budget_mib, cfg.objective.target)
             write_text_atomic(study_dir / "trials" / str(trial.number) / "result.json", result.to_json())
             promote(study, study_dir, trial.number)
             display.end_trial(lane, result, study, retried)
@@ -260,6 +286,8 @@ def run_sweep(
             if result.outcome == "infrastructure" and not retried:
                 cannot_run.append(result)
                 stop.set()
+            if stop.is_set():
+                return
 
     # This run's wall time and GPUs, for the sweep efficiency (sweep/efficiency.py): from entering
     # the launcher (the first standby imports beside the preparation) to the end of the last trial;
@@ -281,9 +309,13 @@ def run_sweep(
                     while t.is_alive():
                         t.join(0.5)
                 clock.stop()
-            except KeyboardInterrupt:
-                stop.set()
-                _interrupt(study, launcher, running, cfg, driver_id)
+            except (KeyboardInterrupt, Terminated) as err:
+                stop.set()  # no lane starts another trial
+                why = TAKEN_BACK if isinstance(err, Terminated) else None
+                _interrupt(study, launcher, running, running_lock, driver_id, why)
+                end = time.monotonic() + 5  # a lane recording the trial it had just finished
+                for t in threads:
+                    t.join(max(0.0, end - time.monotonic()))
                 raise
     if cannot_run:
         r = cannot_run[0]
@@ -293,13 +325,19 @@ def run_sweep(
     return counts["ran"]
 
 
-def _interrupt(study: optuna.Study, launcher: Launcher, running: dict[str, optuna.Trial], cfg: SweepConfig,
-               driver_id: str) -> None:
-    """Ctrl-C: end the running trials and record them as interrupted (their parameters run again
-    on the next run of the same command; they do not count towards n_trials)."""
-    for trial in list(running.values()):
+def _interrupt(study: optuna.Study, launcher: Launcher, running: dict[str, optuna.Trial], lock: threading.Lock,
+               driver_id: str, why: str | None = None) -> None:
+    """Ctrl-C or SIGTERM: end the running trials and record them as interrupted. Their parameters
+    are queued again, so they run first: on the next run of the same command, or at once on
+    another driver of a shared study; they do not count towards n_trials."""
+    with lock:
+        taken = list(running.values())
+        running.clear()
+    for trial in taken:
         launcher.kill(trial.number)
-        record_result(study, trial, outcome.interrupted(trial.number), max(1, cfg.fault_tolerance.max_retries), driver_id)
+    for trial in taken:
+        result = outcome.interrupted(trial.number, why) if why else outcome.interrupted(trial.number)
+        record_result(study, trial, result, INTERRUPTED_RETRIES, driver_id)
 
 
 class TrialSession:

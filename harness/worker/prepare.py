@@ -167,8 +167,16 @@ def prepare(cfg: SweepConfig, sweep_dir: Path, on_progress: Progress | None = No
 
 
 def prepare_study(cfg: SweepConfig, sweep_dir: Path, out: Path, on_progress: Progress | None = None) -> Prepared:
-    """:func:`prepare`, written to ``out`` (the study's prepared.json) for its trials to read."""
-    prepared = prepare(cfg, sweep_dir, on_progress)
+    """:func:`prepare`, written to ``out`` (the study's prepared.json) for its trials to read.
+
+    One at a time per cache: drivers of one study started together (a Slurm array's tasks on a
+    shared cache) would otherwise build the same preset side by side, one replacing the folder
+    another is reading. A cache hit takes a fraction of a second, so the others hardly wait."""
+    import filelock
+
+    sources.cache_root().mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(sources.cache_root() / "prepare.lock")):
+        prepared = prepare(cfg, sweep_dir, on_progress)
     prepared.save(Path(out))
     return prepared
 

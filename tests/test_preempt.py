@@ -1,0 +1,60 @@
+"""A driver taken back by its scheduler: SIGTERM mid-training (what Slurm's ``--signal=B:TERM``, a
+preemption or a pod's deletion sends first). The driver starts nothing more, records its running
+trial as interrupted (queued again, not counted), ends it, and exits 143 well inside a grace
+period; the same command again runs the interrupted trial's parameters first."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import yaml
+
+from conftest import ROOT, wait_for
+from test_faults import SWEEP, load, running_pid
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
+State = optuna.trial.TrialState
+
+
+def test_sigterm_interrupts_the_running_trial_and_it_runs_again_first(tmp_path, harness_cache):
+    # A long hang timeout: the hang below is the trial's training, which only the SIGTERM ends.
+    sweep = dict(SWEEP, study="preempted", n_trials=2, budget={**SWEEP["budget"], "hang_timeout_s": 120})
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))
+    args = [sys.executable, "-m", "harness.cli", "run", str(tmp_path / "s.yaml"), "--results-dir",
+            str(tmp_path / "results")]
+    study_dir = tmp_path / "results" / "preempted"
+    # Trial 0 stays in training (it would hang for ever after step 4), so the SIGTERM finds it running.
+    driver = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, HARNESS_FAULTS="0:hang@4"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_for(lambda: running_pid(study_dir, 0) is not None), "trial 0 never started"
+        # In training: its first validation (step 3) recorded; it hangs after step 4.
+        assert wait_for(lambda: 3 in load(study_dir).trials[0].intermediate_values, timeout=120)
+        trial_pid = running_pid(study_dir, 0)
+        sent = time.monotonic()
+        driver.send_signal(signal.SIGTERM)
+        out, _ = driver.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        driver.kill()
+    assert driver.returncode == 143, out
+    assert took < 15, f"exited {took:.1f} s after SIGTERM: too slow for a scheduler's grace period"
+    assert "terminated (SIGTERM)" in out
+    assert wait_for(lambda: not os.path.exists(f"/proc/{trial_pid}"), timeout=10), "the trial outlived its driver"
+    trials = load(study_dir).trials
+    assert [t.state for t in trials] == [State.FAIL, State.WAITING], [(t.number, t.state) for t in trials]
+    assert trials[0].user_attrs["outcome"] == "interrupted" and "SIGTERM" in trials[0].user_attrs["reason"]
+    assert trials[1].params == trials[0].params and trials[1].system_attrs["failed_trial"] == 0
+
+    # The same command again (a requeued task, another driver): the interrupted trial's parameters
+    # run first, and it does not count towards n_trials.
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    trials = load(study_dir).trials
+    assert [t.state for t in trials] == [State.FAIL, State.COMPLETE, State.COMPLETE]
+    assert trials[1].params == trials[0].params
