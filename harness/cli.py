@@ -21,7 +21,7 @@ from harness.files import write_json_atomic, write_text_atomic
 def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     from harness.sweep.config import load_sweep
     from harness.sweep.driver import run_sweep
-    from harness.sweep.signals import EXIT_CODE, Terminated
+    from harness.sweep.signals import Terminated, hard_exit
 
     cfg = load_sweep(args.sweep)
     updates = {}
@@ -59,7 +59,9 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
         # other driver's, or `harness report --storage`, makes them from the storage.
         console.print("terminated (SIGTERM): the running trials are marked interrupted and run again first, "
                       "on another driver or the next run; no tables written", highlight=False)
-        return EXIT_CODE
+        # Everything is recorded and the workers are gone; W&B's exit hooks would only complain
+        # that its service (signalled with the task) is gone, or hold the exit up.
+        hard_exit()
     if importlib.util.find_spec("polars") is None:
         if line := _efficiency_line(cfg, study_dir):
             console.print(line, highlight=False)

@@ -1,7 +1,7 @@
 """A driver taken back by its scheduler: SIGTERM mid-training (what Slurm's ``--signal=B:TERM``, a
 preemption or a pod's deletion sends first). The driver starts nothing more, records its running
 trial as interrupted (queued again, not counted), ends it, and exits 143 well inside a grace
-period; the same command again runs the interrupted trial's parameters first."""
+period; its parameters wait, queued, to run first."""
 
 import os
 import signal
@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.timeout(300), pytest.mark.slow,
 State = optuna.trial.TrialState
 
 
-def test_sigterm_interrupts_the_running_trial_and_it_runs_again_first(tmp_path, harness_cache):
+def test_sigterm_interrupts_the_running_trial_and_queues_it_first(tmp_path, harness_cache):
     # A long hang timeout: the hang below is the trial's training, which only the SIGTERM ends.
     sweep = dict(SWEEP, study="preempted", n_trials=2, budget={**SWEEP["budget"], "hang_timeout_s": 120})
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))
@@ -51,10 +51,9 @@ def test_sigterm_interrupts_the_running_trial_and_it_runs_again_first(tmp_path, 
     assert trials[0].user_attrs["outcome"] == "interrupted" and "SIGTERM" in trials[0].user_attrs["reason"]
     assert trials[1].params == trials[0].params and trials[1].system_attrs["failed_trial"] == 0
 
-    # The same command again (a requeued task, another driver): the interrupted trial's parameters
-    # run first, and it does not count towards n_trials.
-    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=240)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    trials = load(study_dir).trials
-    assert [t.state for t in trials] == [State.FAIL, State.COMPLETE, State.COMPLETE]
-    assert trials[1].params == trials[0].params
+    # Its parameters are queued: the next driver to ask (another task of the array, a requeued one,
+    # the same command again) runs them first (tests/test_faults.py's Ctrl-C test runs them, and
+    # tests/test_slurm.py on a real Slurm).
+    from harness.sweep.study import counted_trials
+
+    assert counted_trials(load(study_dir)) == 1, "the interrupted trial does not count"

@@ -184,6 +184,7 @@ def _run_sweep(cfg: SweepConfig, sweep_dir: Path, results_dir: Path, console: Co
     # interrupt) records it: never both.
     running: dict[str, optuna.Trial] = {}
     running_lock = threading.Lock()
+    recording: set[str] = set()  # lanes writing the record of the trial they took out
     where = placement()  # the scheduler's task this driver is, if any: on each trial
     counts = {"ran": 0, "trained": 0}
     cannot_run: list[TrialResult] = []
@@ -272,13 +273,19 @@ def _run_sweep(cfg: SweepConfig, sweep_dir: Path, results_dir: Path, console: Co
             with running_lock:
                 if running.pop(lane, None) is None:
                     return  # interrupted: the interrupt recorded it
-            if prediction is not None:
-                result.metrics.update(**predicted)
-                if result.outcome in ("complete", "pruned", "over_budget"):
-                    memory.learn(params, result.metrics.present())
-            retries = INTERRUPTED_RETRIES if result.outcome == "interrupted" else cfg.fault_tolerance.max_retries
-            retried = record_result(study, trial, result, retries, driver_id, cfg.memory_budget_mib, cfg.objective.target)
-            write_text_atomic(study_dir / "trials" / str(trial.number) / "result.json", result.to_json())
+                recording.add(lane)
+            try:
+                if prediction is not None:
+                    result.metrics.update(**predicted)
+                    if result.outcome in ("complete", "pruned", "over_budget"):
+                        memory.learn(params, result.metrics.present())
+                retries = INTERRUPTED_RETRIES if result.outcome == "interrupted" else cfg.fault_tolerance.max_retries
+                retried = record_result(study, trial, result, retries, driver_id, cfg.memory_budget_mib,
+                                        cfg.objective.target)
+                write_text_atomic(study_dir / "trials" / str(trial.number) / "result.json", result.to_json())
+            finally:
+                with running_lock:
+                    recording.discard(lane)
             promote(study, study_dir, trial.number)
             display.end_trial(lane, result, study, retried)
             counts["ran"] += 1
@@ -313,9 +320,9 @@ def _run_sweep(cfg: SweepConfig, sweep_dir: Path, results_dir: Path, console: Co
                 stop.set()  # no lane starts another trial
                 why = TAKEN_BACK if isinstance(err, Terminated) else None
                 _interrupt(study, launcher, running, running_lock, driver_id, why)
-                end = time.monotonic() + 5  # a lane recording the trial it had just finished
-                for t in threads:
-                    t.join(max(0.0, end - time.monotonic()))
+                end = time.monotonic() + 5  # a lane recording the trial it had just finished: let it
+                while recording and time.monotonic() < end:
+                    time.sleep(0.05)
                 raise
     if cannot_run:
         r = cannot_run[0]
