@@ -259,6 +259,10 @@ def _cmd_submit(args: argparse.Namespace, console: Console) -> int:
     if args.n_trials is not None and args.n_trials <= 0:
         raise HarnessError(f"--n-trials must be > 0 (got {args.n_trials})")
     storage = secrets.split(url)
+    gpus = args.gpus_per_worker or 0
+    if gpus and gpus % cfg.gpus_per_trial:
+        raise HarnessError(f"--gpus-per-worker {gpus}: each task's GPUs must split into trials of "
+                           f"gpus_per_trial={cfg.gpus_per_trial}")
     common = dict(sweep=Path(args.sweep).resolve(), study=cfg.study, results_dir=Path(args.results_dir).resolve(),
                   storage=storage, workers=args.workers, cpus_per_worker=args.cpus_per_worker, n_trials=args.n_trials)
     if args.scheduler == "slurm":

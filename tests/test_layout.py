@@ -14,7 +14,8 @@ TORCH_FREE = ["harness.cli", "harness.params", "harness.records", "harness.error
               "harness.sweep.pruning", "harness.sweep.efficiency", "harness.sweep.outcome", "harness.sweep.trackers",
               "harness.protocol", "harness.faults", "harness.launch.resident", "harness.launch.workers",
               "harness.launch.launcher", "harness.data.spec", "harness.data.sources", "harness.data.formats",
-              "harness.data.presets", "harness.data.prepare"]
+              "harness.data.presets", "harness.data.prepare", "harness.cluster", "harness.cluster.secrets",
+              "harness.cluster.slurm", "harness.cluster.k8s", "harness.sweep.signals"]
 
 
 def test_the_sweep_launch_and_bench_driver_modules_import_without_torch():

@@ -319,7 +319,7 @@ def _run_sweep(cfg: SweepConfig, sweep_dir: Path, results_dir: Path, console: Co
             except (KeyboardInterrupt, Terminated) as err:
                 stop.set()  # no lane starts another trial
                 why = TAKEN_BACK if isinstance(err, Terminated) else None
-                _interrupt(study, launcher, running, running_lock, driver_id, why)
+                _interrupt(study, study_dir, launcher, running, running_lock, driver_id, why)
                 end = time.monotonic() + 5  # a lane recording the trial it had just finished: let it
                 while recording and time.monotonic() < end:
                     time.sleep(0.05)
@@ -332,8 +332,8 @@ def _run_sweep(cfg: SweepConfig, sweep_dir: Path, results_dir: Path, console: Co
     return counts["ran"]
 
 
-def _interrupt(study: optuna.Study, launcher: Launcher, running: dict[str, optuna.Trial], lock: threading.Lock,
-               driver_id: str, why: str | None = None) -> None:
+def _interrupt(study: optuna.Study, study_dir: Path, launcher: Launcher, running: dict[str, optuna.Trial],
+               lock: threading.Lock, driver_id: str, why: str | None = None) -> None:
     """Ctrl-C or SIGTERM: end the running trials and record them as interrupted. Their parameters
     are queued again, so they run first: on the next run of the same command, or at once on
     another driver of a shared study; they do not count towards n_trials."""
@@ -345,6 +345,7 @@ def _interrupt(study: optuna.Study, launcher: Launcher, running: dict[str, optun
     for trial in taken:
         result = outcome.interrupted(trial.number, why) if why else outcome.interrupted(trial.number)
         record_result(study, trial, result, INTERRUPTED_RETRIES, driver_id)
+        write_text_atomic(study_dir / "trials" / str(trial.number) / "result.json", result.to_json())
 
 
 class TrialSession:
