@@ -160,3 +160,13 @@ def test_trials_record_their_scheduler_task(monkeypatch):
     monkeypatch.setenv("JOB_COMPLETION_INDEX", "2")
     monkeypatch.setenv("HARNESS_POD_NAME", "harness-scaled-2-x7k")
     assert placement() == {"k8s_index": 2, "k8s_pod": "harness-scaled-2-x7k"}
+
+
+def test_a_task_s_gpus_must_split_into_trials(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HARNESS_SECRETS", str(tmp_path / "secrets"))
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({**SWEEP, "gpus_per_trial": 2}))
+    code, out = submit(capsys, "slurm", str(path), "--workers", "2", "--gpus-per-worker", "3", "--dry-run")
+    assert code == 2 and "must split into trials of gpus_per_trial=2" in out
+    code, out = submit(capsys, "slurm", str(path), "--workers", "2", "--gpus-per-worker", "4", "--dry-run")
+    assert code == 0 and "#SBATCH --gpus-per-task=4" in out

@@ -62,6 +62,7 @@ class Launcher:
         self._prepared = False
         self._socket_dir: Path | None = None
         self.resident_slots: set[str] = set()
+        self._closing = False  # leaving: a slot whose worker died starts no other
 
     def __enter__(self) -> "Launcher":
         self._socket_dir = private_dir("harness-w-")
@@ -70,15 +71,28 @@ class Launcher:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._closing = True
         for number in list(self._running):
             self.kill(number)
-        for worker in self._workers.values():
+        # A copy: a slot's thread may still be letting its killed worker go (Ctrl-C, SIGTERM).
+        for worker in list(self._workers.values()):
             worker.close()
         self._workers.clear()
         if self._socket_dir is not None:
             for leftover in self._socket_dir.glob("*"):
                 leftover.unlink(missing_ok=True)
             self._socket_dir.rmdir()
+
+    def abandon(self) -> None:
+        """Taken back by the scheduler (SIGTERM): the study's own workers are killed at once (a
+        polite close waits for each to exit, seconds the grace period may not have); resident
+        ones are given back. No slot starts another."""
+        self._closing = True
+        for worker in list(self._workers.values()):
+            if worker.resident:
+                worker.close()
+            else:
+                worker.kill()
 
     def notes(self) -> list[str]:
         """What a user should know of how this run's slots got their workers."""
@@ -192,7 +206,7 @@ class Launcher:
                 if self._workers.get(slot) is worker:  # not already replaced by another of the slot's trials
                     worker.close()
                     self._workers.pop(slot, None)
-                    if more:
+                    if more and not self._closing:
                         self._ensure_locked(slot)
         if hung and report is not None and report.failure is None:
             report = None  # a killed trial's report, if any, is not the whole story

@@ -139,7 +139,14 @@ def run_sweep(
     as interrupted.
     """
     with sigterm_raises() as terminating:
-        return _run_sweep(cfg, sweep_dir, results_dir, console, gpus, join, terminating)
+        try:
+            return _run_sweep(cfg, sweep_dir, results_dir, console, gpus, join, terminating)
+        except BaseException as err:
+            if terminating.is_set() and not isinstance(err, Terminated):
+                # Something failed on the way out (a worker let go, a thread's storage call): the
+                # trials are recorded all the same, and the caller must still see why it ended.
+                raise Terminated() from err
+            raise
 
 
 def _run_sweep(cfg: SweepConfig, sweep_dir: Path, results_dir: Path, console: Console | None,
@@ -263,7 +270,9 @@ def _run_sweep(cfg: SweepConfig, sweep_dir: Path, results_dir: Path, console: Co
                 end = outcome.ProcessEnd(run.code, run.hung, cfg.budget.hang_timeout_s, run.reached_training,
                                          launcher.name, run.log_tail)
                 result = outcome.decide(trial.number, run.report, end, cfg, session.pruned)
-                if result.state == "fail" and (terminating.is_set() or run.code in (-signal.SIGTERM, -signal.SIGINT)):
+                if result.state == "fail" and run.code == -signal.SIGINT:
+                    result = outcome.interrupted(trial.number)  # Ctrl-C reached the trial's process first
+                elif result.state == "fail" and (terminating.is_set() or run.code == -signal.SIGTERM):
                     # Its process got the scheduler's SIGTERM too (Slurm signals the whole task),
                     # maybe before this driver did: no crash, an interruption.
                     result = outcome.interrupted(trial.number, TAKEN_BACK)
@@ -342,6 +351,8 @@ def _interrupt(study: optuna.Study, study_dir: Path, launcher: Launcher, running
         running.clear()
     for trial in taken:
         launcher.kill(trial.number)
+    if why is not None:
+        launcher.abandon()
     for trial in taken:
         result = outcome.interrupted(trial.number, why) if why else outcome.interrupted(trial.number)
         record_result(study, trial, result, INTERRUPTED_RETRIES, driver_id)
