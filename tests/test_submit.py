@@ -170,3 +170,23 @@ def test_a_task_s_gpus_must_split_into_trials(tmp_path, capsys, monkeypatch):
     assert code == 2 and "must split into trials of gpus_per_trial=2" in out
     code, out = submit(capsys, "slurm", str(path), "--workers", "2", "--gpus-per-worker", "4", "--dry-run")
     assert code == 0 and "#SBATCH --gpus-per-task=4" in out
+
+
+def test_k8s_apply_hands_the_password_to_kubectl_on_stdin_only(sweep, tmp_path, capsys, monkeypatch):
+    """A stand-in kubectl records what it is given: the Secret comes on standard input, never on
+    the command line or in the manifest file; then the manifest is applied."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    kubectl = bin_dir / "kubectl"
+    kubectl.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/argv\ncat >> {tmp_path}/stdin\necho applied\n')
+    kubectl.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    code, out = submit(capsys, "k8s", str(sweep), "--workers", "2", "--image", "h:1", "--results-dir",
+                       str(tmp_path / "results"))
+    assert code == 0, out
+    manifest = tmp_path / "results" / "scaled" / "k8s" / "job.yaml"
+    assert (tmp_path / "argv").read_text().splitlines() == ["apply -f -", f"apply -f {manifest}"]
+    secret = yaml.safe_load((tmp_path / "stdin").read_text())
+    assert secret["kind"] == "Secret" and secret["metadata"]["name"] == "harness-scaled-storage"
+    assert secret["stringData"] == {"password": PG_PASSWORD}
+    assert PG_PASSWORD not in manifest.read_text() + out + (tmp_path / "argv").read_text()

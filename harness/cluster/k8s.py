@@ -178,7 +178,8 @@ def apply(job: K8sJob) -> str:
 
 
 def _kubectl(args: list[str], stdin: str | None, what: str) -> str:
-    proc = subprocess.run(["kubectl", *args], input=stdin, capture_output=True, text=True)
+    feed = {"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}
+    proc = subprocess.run(["kubectl", *args], capture_output=True, text=True, **feed)
     if proc.returncode != 0:
         raise HarnessError(f"kubectl: {what} failed: {(proc.stderr or proc.stdout).strip()}")
     return proc.stdout.strip()
