@@ -7,7 +7,6 @@ password appears nowhere: not in the script, the job, Slurm's logs and state,
 nor the results."""
 
 import json
-import os
 import stat
 
 import optuna
