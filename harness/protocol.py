@@ -119,6 +119,12 @@ class Channel:
     def close(self) -> None:
         self.closed = True
         try:
+            # Shut down first: a close() alone leaves the connection open while another thread of
+            # this process still blocks in recv() on it, and the peer never sees its end.
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
             self.sock.close()
         except OSError:
             pass
