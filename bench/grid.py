@@ -5,6 +5,7 @@ of CPU instead of GPU-hours).
 
     python bench/grid.py run bench/grid.yaml [--out bench/grid/NAME.parquet] [--results-dir results]
     python bench/grid.py export results/<study> --out FILE.parquet [--storage URL]
+    python bench/grid.py merge A.parquet B.parquet ... --out FILE.parquet
 
 ``run`` reads a grid file (a sweep file whose searched dimensions are all ``{choices: [...]}``:
 the grid's axes; ``seeds: K`` the seeds per config), turns it into a study of the harness whose
@@ -28,6 +29,9 @@ The table (one row per config x seed x milestone):
 - ``val_loss_start`` (the base's loss before fine-tuning), ``card`` (GPU name, or ``cpu``),
   ``host``, ``software`` (JSON: python, torch, transformers, peft, trl, unsloth, optuna and the
   harness commit), ``study``, ``model``, ``dataset``, ``trial``.
+
+``merge`` combines recordings of the same grid made on a shared machine: each run's times from the
+recording where it was fastest (the losses must agree).
 
 The sweep side reads it without torch: this script imports neither torch nor unsloth itself
 (versions come from the installed packages' metadata).
@@ -148,6 +152,26 @@ def export(study_dir: Path, storage: str | None = None) -> "pl.DataFrame":
     return pl.DataFrame(rows, infer_schema_length=None).sort("config", "seed", "milestone_index")
 
 
+def merge(frames: list["pl.DataFrame"]) -> "pl.DataFrame":
+    """Several recordings of one grid (on a shared machine, other jobs slow some runs): each
+    config and seed's run from the recording where it took the least time, as a benchmark keeps
+    the fastest of its repeats. Their losses must agree (the runs are deterministic on CPU);
+    ``recordings`` says how many there were."""
+    import polars as pl
+
+    keys = ["config", "seed", "milestone_index"]
+    base = frames[0].select(*keys, "val_loss")
+    for i, other in enumerate(frames[1:], 1):
+        joined = base.join(other.select(*keys, pl.col("val_loss").alias("other")), on=keys, how="full", coalesce=True)
+        if joined.height != base.height or joined.filter((pl.col("val_loss") - pl.col("other")).abs() > 1e-4).height:
+            raise SystemExit(f"recording {i + 1} is not the same grid (configs, seeds or losses differ)")
+    runs = pl.concat([f.with_columns(recording=pl.lit(i)) for i, f in enumerate(frames)], how="diagonal_relaxed")
+    cost = runs.group_by("config", "seed", "recording").agg(total=pl.col("gpu_seconds").max() + pl.col("fixed_gpu_s").first())
+    fastest = cost.sort("total").group_by("config", "seed").first().select("config", "seed", "recording")
+    return (runs.join(fastest, on=["config", "seed", "recording"]).drop("recording")
+            .with_columns(recordings=pl.lit(len(frames))).sort(*keys))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,10 +184,17 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("study_dir")
     e.add_argument("--out", required=True)
     e.add_argument("--storage")
+    m = sub.add_parser("merge", help="several recordings of one grid: each run from the one where it was fastest")
+    m.add_argument("recordings", nargs="+")
+    m.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
     if args.command == "export":
         frame = export(Path(args.study_dir), args.storage)
+    elif args.command == "merge":
+        import polars as pl
+
+        frame = merge([pl.read_parquet(f) for f in args.recordings])
     else:
         from rich.console import Console
 

@@ -319,8 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--repeats", type=int, default=100, help="searches per strategy (default 100)")
     rp.add_argument("--strategies", help="comma-separated sampler[+pruner], e.g. random,tpe+median (default: "
                                          "random, tpe, tpe+median, tpe+hyperband, tpe+dominance, random+median, gp, cmaes)")
-    rp.add_argument("--gp-repeats", type=int, default=20,
-                    help="at most this many searches for the gp sampler, which is slow (default 20; 0: --repeats)")
+    rp.add_argument("--gp-repeats", type=int, default=10,
+                    help="at most this many searches for the gp sampler, which is slow (default 10; 0: --repeats)")
     rp.add_argument("--budget-fraction", type=float, default=0.5,
                     help="each search runs until it has spent this share of the full grid's GPU-seconds (default 0.5)")
     rp.add_argument("--seed", type=int, default=0, help="replay seed: samplers and the seeds drawn (default 0)")

@@ -27,10 +27,13 @@ def grid():
     return rp.load_grid(GRID)
 
 
-def sweep_cfg(**changes):
+def sweep_cfg(space=None, **changes):
+    """The shipped replay sweep, with ``changes`` and ``space``'s search-space entries (None drops one)."""
     from harness.sweep.config import parse_sweep
 
-    return parse_sweep({**yaml.safe_load(SWEEP.read_text()), **changes}, str(SWEEP))
+    data = {**yaml.safe_load(SWEEP.read_text()), **changes}
+    data["search_space"] = {k: v for k, v in {**data["search_space"], **(space or {})}.items() if v is not None}
+    return parse_sweep(data, str(SWEEP))
 
 
 def test_the_shipped_grid_is_a_real_recording(grid):
@@ -88,17 +91,22 @@ def test_replay_refuses_a_space_off_the_grid(tmp_path, grid):
     from harness.errors import HarnessError
     from harness.sweep import replay as rp
 
-    with pytest.raises(HarnessError, match=r"search_space\.lora_r: 64 was not recorded \(the grid has 4, 16\)"):
-        rp.match_space(sweep_cfg(search_space={"lora_r": {"choices": [4, 64]}, "learning_rate": 5e-3}), grid, "s.yaml")
+    with pytest.raises(HarnessError, match=r"s\.yaml: search_space\.lora_r: 64 was not recorded \(the grid has 4, 16\)"):
+        rp.match_space(sweep_cfg({"lora_r": {"choices": [4, 64]}}), grid, "s.yaml")
     with pytest.raises(HarnessError, match=r"search_space\.grad_accum: the grid cpu-tiny.parquet does not vary it"):
-        rp.match_space(sweep_cfg(search_space={"grad_accum": {"choices": [1, 2]}, "lora_r": 4, "batch_size": 4}),
-                       grid, "s.yaml")
+        rp.match_space(sweep_cfg({"grad_accum": {"choices": [1, 2]}}), grid, "s.yaml")
+    with pytest.raises(HarnessError, match=r"search_space\.batch_size: 2 was not recorded \(the grid has 4, 8\); "
+                                           r"search it or fix it"):
+        rp.match_space(sweep_cfg({"batch_size": 2}), grid, "s.yaml")
     with pytest.raises(HarnessError, match=r"search_space\.learning_rate: no recorded value in \[0\.1, 0\.2\]"):
-        rp.match_space(sweep_cfg(search_space={"learning_rate": {"low": 0.1, "high": 0.2}}), grid, "s.yaml")
-    # A sampled learning rate is snapped to the nearest recorded one, in log space.
+        rp.match_space(sweep_cfg({"learning_rate": {"low": 0.1, "high": 0.2}}), grid, "s.yaml")
+    # A fixed axis narrows the grid to its recorded value.
+    assert rp.match_space(sweep_cfg({"batch_size": 8}), grid, "s.yaml").fixed == {"batch_size": 8}
+    # A sampled learning rate is snapped to the nearest recorded one, in log space (the geometric
+    # midpoint of 2e-3 and 5e-3 is 3.16e-3; the arithmetic one, 3.5e-3).
     space = rp.match_space(sweep_cfg(), grid, "s.yaml")
-    assert space.config({"learning_rate": 3.3e-3})["learning_rate"] == pytest.approx(2e-3)
-    assert space.config({"learning_rate": 3.4e-3})["learning_rate"] == pytest.approx(5e-3)
+    assert space.config({"learning_rate": 3.1e-3})["learning_rate"] == pytest.approx(2e-3)
+    assert space.config({"learning_rate": 3.3e-3})["learning_rate"] == pytest.approx(5e-3)
     bad = run_cli("replay", str(SWEEP), "--grid", str(GRID), "--strategies", "tpe+sometimes")
     assert bad.returncode == 2 and "--strategies: 'tpe+sometimes': the pruner is one of" in bad.stdout
 
