@@ -51,7 +51,7 @@ def test_replay_regret_is_monotone_reproducible_and_complete(grid):
     from harness.sweep import replay as rp
 
     cfg = sweep_cfg()
-    strategies = rp.parse_strategies("random,tpe,tpe+median,tpe+dominance,cmaes")
+    strategies = rp.parse_strategies("random,tpe,tpe+median,tpe+hyperband,tpe+dominance,cmaes")
     a = rp.replay(cfg, grid, strategies, repeats=6, seed=3)
     for col in ("strategy", "repeat", "trial", "config", "pruned", "cost_gpu_s", "spent_gpu_s", "incumbent_loss",
                 "regret", "config_regret"):
