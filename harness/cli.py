@@ -130,6 +130,39 @@ def _cmd_rerun(args: argparse.Namespace, console: Console) -> int:
     return 0 if result["ranked"] else 1
 
 
+def _cmd_replay(args: argparse.Namespace, console: Console) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from harness.sweep import replay as rp
+    from harness.sweep.config import load_sweep
+
+    cfg = load_sweep(args.sweep)
+    if args.repeats <= 0:
+        raise HarnessError(f"--repeats must be > 0 (got {args.repeats})")
+    if not 0 < args.budget_fraction <= 5:
+        raise HarnessError(f"--budget-fraction: expected a share of the full grid's GPU-seconds in (0, 5] "
+                           f"(got {args.budget_fraction:g})")
+    strategies = rp.parse_strategies(args.strategies)
+    grid = rp.load_grid(Path(args.grid))
+    slow = {"gp": args.gp_repeats} if args.gp_repeats else {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(f"replaying {label}", total=total)
+            bar.update(tasks[label], completed=done)
+
+        result = rp.replay(cfg, grid, strategies, args.repeats, seed=args.seed, budget_fraction=args.budget_fraction,
+                           slow_repeats=slow, source=args.sweep, progress=progress)
+    out = rp.write(result, Path(args.results_dir) / cfg.study, Path(args.sweep).name, args.budget_fraction,
+                   figures=args.figures)
+    console.print(out["md"].read_text(), markup=False, highlight=False)
+    console.print("wrote " + ", ".join(str(p) for p in out.values()))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
     from harness.bench import runner as bench
 
@@ -367,6 +400,21 @@ def build_parser() -> argparse.ArgumentParser:
     rr.add_argument("--seeds", type=int, default=5, help="fresh seeds per config (default 5)")
     rr.add_argument("--storage", help="storage URL when the study is not in the folder's study.db")
     rr.set_defaults(func=_cmd_rerun)
+    rp = sub.add_parser("replay", help="replay search strategies (samplers x pruners) against a recorded grid of "
+                                       "learning curves: regret against GPU-seconds, no GPU")
+    rp.add_argument("sweep", help="sweep file whose search space, sampler and pruner settings are replayed")
+    rp.add_argument("--grid", required=True, help="recorded grid (Parquet, bench/grid.py), e.g. bench/grid/cpu-tiny.parquet")
+    rp.add_argument("--repeats", type=int, default=100, help="searches per strategy (default 100)")
+    rp.add_argument("--strategies", help="comma-separated sampler[+pruner], e.g. random,tpe+median (default: "
+                                         "random, tpe, tpe+median, tpe+hyperband, tpe+dominance, random+median, gp, cmaes)")
+    rp.add_argument("--gp-repeats", type=int, default=10,
+                    help="at most this many searches for the gp sampler, which is slow (default 10; 0: --repeats)")
+    rp.add_argument("--budget-fraction", type=float, default=0.5,
+                    help="each search runs until it has spent this share of the full grid's GPU-seconds (default 0.5)")
+    rp.add_argument("--seed", type=int, default=0, help="replay seed: samplers and the seeds drawn (default 0)")
+    rp.add_argument("--results-dir", default="results", help="writes <results-dir>/<study>/replay.{md,parquet,png}")
+    rp.add_argument("--no-figures", dest="figures", action="store_false", help="the tables alone, no replay.png")
+    rp.set_defaults(func=_cmd_replay)
     ev = sub.add_parser("eval", help="reload the best weights (adapter or full model) and print their validation loss")
     ev.add_argument("study_dir", help="results/<study>")
     ev.add_argument("--weights", "--adapter", dest="weights",

@@ -132,6 +132,11 @@ class TrialResult:
     pid: int | None = None
     reached_training: bool = False   # False: the process died before its first step
     metrics: Metrics = field(default_factory=Metrics)
+    # Every seed's validation curve, in seed order: per milestone {milestone, tokens, seconds
+    # (training + evaluation so far), val_loss, tokens_per_s}. The pruner and the tables see only
+    # the first seed's; the recorded benchmark (bench/grid.py) needs each seed's, with its time.
+    # Stored as a user attribute, not a column (RECORD_TYPES leaves it out).
+    seed_curves: list[list[dict]] | None = None
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOME_STATE:
@@ -171,7 +176,8 @@ def _types(cls: type) -> dict[str, type]:
 
 
 METRIC_TYPES: dict[str, Any] = _types(Metrics)
-RECORD_TYPES: dict[str, Any] = {k: v for k, v in _types(TrialResult).items() if k not in ("metrics", "number")}
+RECORD_TYPES: dict[str, Any] = {k: v for k, v in _types(TrialResult).items()
+                                 if k not in ("metrics", "number", "seed_curves")}
 
 
 @dataclass

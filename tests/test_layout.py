@@ -12,6 +12,7 @@ TORCH_FREE = ["harness.cli", "harness.params", "harness.records", "harness.error
               "harness.sweep.display", "harness.sweep.report", "harness.sweep.plots", "harness.sweep.best",
               "harness.sweep.wandb_check", "harness.launch", "harness.bench.runner", "harness.sweep.predict",
               "harness.sweep.pruning", "harness.sweep.efficiency", "harness.sweep.outcome", "harness.sweep.trackers",
+              "harness.sweep.replay", "harness.sweep.warm_start", "harness.sweep.gpu_budget",
               "harness.protocol", "harness.faults", "harness.launch.resident", "harness.launch.workers",
               "harness.launch.launcher", "harness.data.spec", "harness.data.sources", "harness.data.formats",
               "harness.data.presets", "harness.data.prepare", "harness.cluster", "harness.cluster.secrets",

@@ -266,14 +266,32 @@ class Objective(_Strict):
 
 
 class SamplerConfig(_Strict):
-    name: Literal["tpe", "random", "grid"] = "tpe"
+    """``tpe`` | ``random`` | ``grid`` | ``gp`` (Optuna's GPSampler: a Gaussian process; it imports
+    torch into the driver, so it is for a host that has it) | ``cmaes`` (Optuna's CmaEsSampler: the
+    ``cmaes`` package; single-objective; categorical dimensions are drawn at random beside it)."""
+
+    name: Literal["tpe", "random", "grid", "gp", "cmaes"] = "tpe"
     n_startup_trials: int = Field(default=3, ge=0)
 
 
 class PrunerConfig(_Strict):
-    name: Literal["median", "hyperband", "none"] = "median"
+    """``median`` | ``hyperband`` (Optuna's) | ``dominance`` (the harness's, sweep/pruning.py: stop a
+    trial whose loss, even improved by the most any complete trial gained from the same milestone to
+    its end, would still be worse than the best complete trial's final loss) | ``none``."""
+
+    name: Literal["median", "hyperband", "dominance", "none"] = "median"
     n_startup_trials: int = Field(default=1, ge=0)
     n_warmup_steps: int = Field(default=0, ge=0)
+
+
+class WarmStart(_Strict):
+    """Run the best ``top`` configs of an earlier study first (queued before the sampler proposes
+    any, as ``enqueue`` is). ``study``: its results folder (``results/<study>``, read through its
+    study.json) or a storage URL; ``name``: the study's name in that storage when it holds several."""
+
+    study: str = Field(min_length=1)
+    top: int = Field(default=3, ge=1)
+    name: str | None = None
 
 
 class FaultTolerance(_Strict):
@@ -330,6 +348,11 @@ class SweepConfig(_Strict):
     # study should beat, or a known-good config. Each names searched dimensions only; those it
     # leaves out are sampled. Queued once, when the study is created; they count towards n_trials.
     enqueue: list[dict[str, Scalar]] = []
+    warm_start: WarmStart | None = None  # an earlier study's best configs first (sweep/warm_start.py)
+    # Stop starting trials once the GPU-seconds spent (finished trials' wall time x gpus_per_trial)
+    # plus the running trials' predicted rest and the next trial's predicted cost would pass this
+    # many GPU-hours (sweep/gpu_budget.py). On CPU, the same with the CPU as the device.
+    budget_gpu_hours: float | None = Field(default=None, gt=0)
     timeout: float | None = Field(default=None, gt=0)
     memory_budget_mib: float | None = Field(default=None, gt=0)  # over it: the trial is infeasible
     # Skip a config whose predicted peak memory is over the budget or the card (sweep/predict.py):
@@ -483,6 +506,12 @@ class SweepConfig(_Strict):
                     raise ValueError(f"{where}: {value!r} is outside the range [{dim.low:g}, {dim.high:g}]")
                 elif dim.step is not None and abs((value - dim.low) / dim.step - round((value - dim.low) / dim.step)) > 1e-9:
                     raise ValueError(f"{where}: {value!r} is not on the range's step {dim.step:g} from {dim.low:g}")
+        return self
+
+    @model_validator(mode="after")
+    def _sampler_fits(self) -> "SweepConfig":
+        if self.sampler.name == "cmaes" and self.multi_objective:
+            raise ValueError("sampler.name: cmaes is single-objective; use tpe, gp or random with several objectives")
         return self
 
     @model_validator(mode="after")

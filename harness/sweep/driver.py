@@ -31,7 +31,7 @@ from harness.files import write_json_atomic, write_text_atomic
 from harness.launch import Launcher, default_start_method, make_launcher, nvidia_visible, run_prepare
 from harness.params import applicable
 from harness.records import TrialReport, TrialResult
-from harness.sweep import outcome, pruning
+from harness.sweep import gpu_budget, outcome, pruning
 from harness.sweep.best import may_become_best, promote
 from harness.sweep.config import SweepConfig
 from harness.sweep.display import Display
@@ -42,6 +42,7 @@ from harness.sweep.signals import Terminated, sigterm_raises
 from harness.sweep.study import counted_trials, create_study, enqueue_first, finished_count, record_result, suggest, trial_params
 from harness.sweep.trackers import WandbTracker
 from harness.sweep.wandb_check import study_wandb_mode
+from harness.sweep.warm_start import warm_start
 
 WAIT = "wait"
 TAKEN_BACK = "stopped by SIGTERM (a scheduler's preemption, time limit or scancel): it runs again, first"
@@ -162,7 +163,11 @@ def _run_sweep(cfg: SweepConfig, sweep_dir: Path, results_dir: Path, console: Co
     # two started alike do not propose the same parameters.
     study = create_study(cfg, storage_url, joiner=os.getpid() if join else 0)
     with study_lock(storage_url):
+        fresh = not study.get_trials(deepcopy=False)
         enqueue_first(study, cfg)
+        taken = warm_start(study, cfg, Path(sweep_dir), fresh)
+    if taken:
+        console.print(taken, highlight=False)
     fail_stale(study)
     done = finished_count(study)
     console.print(f"study [bold]{cfg.study}[/]: {done} of {cfg.n_trials} trials finished; storage {redact(storage_url)}; "
@@ -176,6 +181,9 @@ def _run_sweep(cfg: SweepConfig, sweep_dir: Path, results_dir: Path, console: Co
                                    "eval_every": cfg.budget.eval_every, "text": cfg.budget.describe(),
                                    "seeds": cfg.seeds, "objective": cfg.objective.model_dump()})
     study.set_user_attr("memory_budget_mib", cfg.memory_budget_mib)
+    if cfg.budget_gpu_hours:
+        study.set_user_attr("gpu_budget", {"hours": cfg.budget_gpu_hours, "devices": cfg.gpus_per_trial,
+                                           "device": "cuda" if cfg.device != "cpu" and nvidia_visible() else "cpu"})
     # The storage URL may hold a password: it stays in the driver (no worker talks to Optuna).
     write_json_atomic(study_dir / "sweep.json", cfg.model_dump(mode="json", exclude={"storage"}))
 
@@ -186,7 +194,7 @@ def _run_sweep(cfg: SweepConfig, sweep_dir: Path, results_dir: Path, console: Co
     driver_id = f"{socket.gethostname()}:{os.getpid()}"
     deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
     next_lock = threading.Lock()
-    stop, waiting = threading.Event(), threading.Event()
+    stop, waiting, budget_said = threading.Event(), threading.Event(), threading.Event()
     # Each lane's trial while it runs. Whoever takes it out (its lane when it ends, or the
     # interrupt) records it: never both.
     running: dict[str, optuna.Trial] = {}
@@ -229,6 +237,12 @@ def _run_sweep(cfg: SweepConfig, sweep_dir: Path, results_dir: Path, console: Co
                 console.print("timeout reached: no new trials are started")
                 return
             with next_lock, study_lock(storage_url):  # count-then-ask is atomic across threads, workers, hosts
+                if cfg.budget_gpu_hours and not (spend := gpu_budget.check(study, cfg.budget_gpu_hours,
+                                                                            cfg.gpus_per_trial)).start:
+                    if not budget_said.is_set():
+                        budget_said.set()
+                        console.print(spend.line, highlight=False)
+                    return
                 trial = _next_trial(study, cfg)
                 params = suggest(trial, cfg) if isinstance(trial, optuna.Trial) else None
             if trial is None:

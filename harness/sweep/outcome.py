@@ -21,6 +21,9 @@ from harness.records import TrialReport, TrialResult
 from harness.sweep.config import SweepConfig
 
 
+CURVE_KEYS = ("milestone", "tokens", "seconds", "val_loss", "tokens_per_s")  # each seed's curve, as recorded
+
+
 @dataclass(frozen=True)
 class ProcessEnd:
     """What the launcher saw of the process that ran a trial."""
@@ -99,6 +102,7 @@ def _objective(record: TrialResult, report: TrialReport, cfg: SweepConfig, prune
     """Outcome and objective from the seeds' runs: the mean over seeds of the last validation
     loss, or of the time to target (tokens or seconds, evaluation included)."""
     m, runs = record.metrics, report.runs
+    record.seed_curves = [[{k: h.get(k) for k in CURVE_KEYS} for h in r.history] for r in runs]
     losses = [r.val_loss for r in runs if r.val_loss is not None]
     m.val_loss = statistics.fmean(losses) if losses else None
     m.best_val_loss = min((h["val_loss"] for r in runs for h in r.history), default=None)

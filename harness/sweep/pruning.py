@@ -17,7 +17,14 @@ rules of the harness's own, checked at every evaluation milestone:
    memory only grows and tokens/s is measured after the warm-up, so an objective T could still
    improve is only the loss, and that one is taken at its best case.
 
-Only objectives the study has count: a study of loss and memory ignores speed. Torch-free.
+Only objectives the study has count: a study of loss and memory ignores speed.
+
+``pruner: dominance`` asks for rule 2 alone, in a single-objective study too, where it is the loss
+alone: a trial is stopped at a milestone (past ``n_warmup_steps``, once ``n_startup_trials`` are
+complete) when even its optimistic final loss is worse than a complete trial's final loss. It
+stops only trials that, on every curve seen so far, cannot catch up: fewer stops than the median
+rule, and no stop on a trial that could still become the best by the study's own record.
+Torch-free.
 """
 
 from __future__ import annotations
@@ -123,6 +130,8 @@ def judge(trial: optuna.Trial, cfg: SweepConfig, milestone: int, loss: float, to
     study's Optuna pruner (one objective), else by the rules above (several objectives; dominance
     is judged on the final validation loss, so not in a time-to-target study)."""
     report_intermediate(trial, milestone, loss)
+    if cfg.pruner.name == "dominance":
+        return dominance_only(trial.study, cfg, milestone, loss, tokens_per_s, peak_mem_mib)
     if not cfg.multi_objective:
         return Decision(True, cfg.pruner.name) if trial.should_prune() else Decision(False)
     if cfg.pruner.name == "none":
@@ -130,3 +139,16 @@ def judge(trial: optuna.Trial, cfg: SweepConfig, milestone: int, loss: float, to
     objectives = {o.metric: o.direction for o in cfg.all_objectives() if o.metric in (SPEED, MEMORY)}
     return decide(trial.study, objectives if cfg.objective.metric == "val_loss" else {}, milestone, loss,
                   tokens_per_s, peak_mem_mib, cfg.pruner.n_startup_trials, cfg.pruner.n_warmup_steps)
+
+
+def dominance_only(study: optuna.Study, cfg: SweepConfig, milestone: int, loss: float, tokens_per_s: float | None,
+                   peak_mem_mib: float | None) -> Decision:
+    """``pruner: dominance``: rule 2 alone, after the pruner's warm-up and start-up trials; in a
+    single-objective study it compares losses only. Not with ``time_to_target`` (its objective is
+    not the final loss the rule bounds): nothing is pruned there."""
+    finished = finished_trials(study)
+    if (cfg.objective.metric != "val_loss" or milestone < cfg.pruner.n_warmup_steps
+            or len(finished) < max(1, cfg.pruner.n_startup_trials)):
+        return Decision(False)
+    objectives = {o.metric: o.direction for o in cfg.all_objectives() if o.metric in (SPEED, MEMORY)}
+    return dominance_rule(finished, objectives, milestone, loss, tokens_per_s, peak_mem_mib)

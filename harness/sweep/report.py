@@ -21,7 +21,7 @@ import optuna
 import polars as pl
 
 from harness import params
-from harness.sweep import plots
+from harness.sweep import gpu_budget, plots
 from harness.records import METRIC_TYPES, RECORD_TYPES
 from harness.sweep.best import best_trial, feasible
 from harness.sweep.efficiency import Efficiency, measure
@@ -420,6 +420,8 @@ def summary_markdown(study: optuna.Study, df: pl.DataFrame, study_dir: Path | No
                   _md(pruned.select("number", "pruned_by", "val_loss", "tokens_per_s", "peak_mem_mib",
                                     "pruning_saved_s")), ""]
     lines += efficiency_lines(measure(study))
+    if spend := gpu_budget.describe(study):
+        lines += ["## GPU budget", "", spend + ".", ""]
     infeasible = df.filter(~pl.col("feasible"))
     if infeasible.height:
         lines += ["## Infeasible trials", "", "Out of memory or over `memory_budget_mib`: recorded as infeasible "

@@ -30,12 +30,23 @@ def make_sampler(cfg: SweepConfig, seed: int | None = None) -> optuna.samplers.B
     if s.name == "grid":
         grid = {name: _grid_values(dim) for name, dim in cfg.search_space.searched().items()}
         return optuna.samplers.GridSampler(grid, seed=seed)
+    if s.name == "gp":
+        # Optuna's Gaussian-process sampler; it imports torch (here, in the driver) on first use.
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=s.n_startup_trials,
+                                         warn_independent_sampling=False)
+    if s.name == "cmaes":
+        # Categorical dimensions (method, a choices list) are drawn at random beside CMA-ES, which
+        # searches the numeric ranges; with_margin keeps it off a stepped or integer range's edges.
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=s.n_startup_trials, with_margin=True,
+                                            warn_independent_sampling=False)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.n_startup_trials)
 
 
 def make_pruner(cfg: SweepConfig) -> optuna.pruners.BasePruner:
+    """Optuna's pruner for ``median`` and ``hyperband``; ``dominance`` is the harness's own rule,
+    decided in sweep/pruning.py, so Optuna's is a no-op for it."""
     p = cfg.pruner
-    if p.name == "none":
+    if p.name in ("none", "dominance"):
         return optuna.pruners.NopPruner()
     if p.name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=max(1, p.n_warmup_steps or cfg.budget.eval_every))
