@@ -13,6 +13,7 @@ adapter, or a full model for ``method: full``); the driver promotes them to ``be
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -54,6 +55,23 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
         return study.best_trial
     except ValueError:  # no complete, feasible trial yet
         return None
+
+
+def top_configs(study: optuna.Study, n: int) -> list[optuna.trial.FrozenTrial]:
+    """The study's best ``n`` complete, feasible trials with distinct parameters, best first by the
+    preferred objective (``harness rerun`` retrains them; ``warm_start`` queues them first)."""
+    i = _preferred(study)
+    sign = 1 if study.directions[i] == optuna.study.StudyDirection.MINIMIZE else -1
+    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if feasible(t) and t.values and math.isfinite(t.values[i])]
+    done.sort(key=lambda t: sign * t.values[i])
+    picked: list[optuna.trial.FrozenTrial] = []
+    for t in done:
+        if all(t.params != p.params for p in picked):
+            picked.append(t)
+        if len(picked) == n:
+            break
+    return picked
 
 
 def may_become_best(study: optuna.Study, value: float | list[float]) -> bool:

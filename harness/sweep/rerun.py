@@ -30,7 +30,7 @@ from scipy import stats
 
 from harness.errors import HarnessError
 from harness.files import write_text_atomic
-from harness.sweep.best import best_trial, feasible
+from harness.sweep.best import best_trial, top_configs
 from harness.sweep.config import SweepConfig
 from harness.sweep.storage import default_storage, make_storage
 
@@ -38,22 +38,11 @@ ALPHA = 0.05  # a difference is called real when Welch's two-sided p is below th
 FRESH_SEED_OFFSET = 10_000  # rerun seeds start here past the study's, so none was used before
 
 
-def top_configs(study: optuna.Study, n: int) -> list[optuna.trial.FrozenTrial]:
-    """The study's best ``n`` complete, feasible trials with distinct parameters, best first."""
-    best = best_trial(study)
-    if best is None:
+def configs_to_rerun(study: optuna.Study, n: int) -> list[optuna.trial.FrozenTrial]:
+    """The study's best ``n`` configs (:func:`harness.sweep.best.top_configs`); an error when it has none."""
+    if best_trial(study) is None:
         raise HarnessError(f"study '{study.study_name}' has no complete trial to rerun")
-    minimize = study.direction == optuna.study.StudyDirection.MINIMIZE
-    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-            if feasible(t) and t.value is not None and math.isfinite(t.value)]
-    done.sort(key=lambda t: t.value if minimize else -t.value)
-    picked: list[optuna.trial.FrozenTrial] = []
-    for t in done:
-        if all(t.params != p.params for p in picked):
-            picked.append(t)
-        if len(picked) == n:
-            break
-    return picked
+    return top_configs(study, n)
 
 
 @dataclass(frozen=True)
@@ -169,7 +158,7 @@ def rerun(study_dir: Path, top: int, seeds: int, console: Console,
     if cfg.multi_objective:
         raise HarnessError("harness rerun compares one objective; this study has several (its answer is the Pareto "
                            "front in summary.md)")
-    configs = top_configs(study, top)
+    configs = configs_to_rerun(study, top)
     rerun_cfg = SweepConfig.model_validate({
         **cfg.model_dump(), "study": f"{cfg.study}-rerun", "seed": cfg.seed + FRESH_SEED_OFFSET, "seeds": seeds,
         "n_trials": len(configs), "pruner": {"name": "none"}, "sampler": {"name": "random"},

@@ -15,7 +15,6 @@ each marked ``warm_start`` with the earlier trial's number in its record. Torch-
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import optuna
 
 from harness import params as hp
 from harness.errors import HarnessError, SweepFileError
-from harness.sweep.best import feasible
+from harness.sweep.best import top_configs
 from harness.sweep.config import Choices, SweepConfig
 from harness.sweep.storage import default_storage, make_storage
 
@@ -56,22 +55,6 @@ def _open(cfg: SweepConfig, sweep_dir: Path) -> optuna.Study:
     if name not in names:
         raise SweepFileError(f"warm_start.name: no study {name!r} in that storage ({', '.join(names) or 'none'})")
     return optuna.load_study(study_name=name, storage=storage)
-
-
-def top_configs(earlier: optuna.Study, top: int) -> list[optuna.trial.FrozenTrial]:
-    """The earlier study's best ``top`` complete, feasible trials with distinct parameters."""
-    index = int(earlier.user_attrs.get("prefer", 0)) if len(earlier.directions) > 1 else 0
-    sign = 1 if earlier.directions[index] == optuna.study.StudyDirection.MINIMIZE else -1
-    done = [t for t in earlier.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-            if feasible(t) and t.values and math.isfinite(t.values[index])]
-    done.sort(key=lambda t: sign * t.values[index])
-    picked: list[optuna.trial.FrozenTrial] = []
-    for t in done:
-        if all(t.params != p.params for p in picked):
-            picked.append(t)
-        if len(picked) == top:
-            break
-    return picked
 
 
 def fit(trial: optuna.trial.FrozenTrial, cfg: SweepConfig, earlier: str) -> dict[str, Any]:
