@@ -17,7 +17,9 @@ N_TRIALS = 5
 @pytest.fixture(scope="module")
 def multi(tmp_path_factory, harness_cache):
     results = tmp_path_factory.mktemp("results")
-    sweep = shipped_sweep("demo-multi", tmp_path_factory.mktemp("sweep"), n_trials=N_TRIALS)
+    # Half the file's data per trial (the shape of the study is the point here, not how far it learns).
+    sweep = shipped_sweep("demo-multi", tmp_path_factory.mktemp("sweep"), n_trials=N_TRIALS,
+                          budget={"tokens": 6000, "eval_every": 2000})
     proc = run_cli("run", str(sweep), "--results-dir", str(results))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     study_dir = results / "demo-multi"
@@ -35,7 +37,7 @@ def test_three_objectives_each_as_measured(multi):
         assert t.values == pytest.approx([t.user_attrs["val_loss"], t.user_attrs["tokens_per_s"],
                                           t.user_attrs["peak_mem_mib"]]), t.number
         # The validation curve is kept (Optuna's report is single-objective): one point per milestone.
-        assert sorted(int(k) for k in t.user_attrs["curve"]) == [2000, 4000, 6000, 8000, 10000, 12000]
+        assert sorted(int(k) for k in t.user_attrs["curve"]) == [2000, 4000, 6000]
     for t in study.trials:
         if t.state == optuna.trial.TrialState.PRUNED:
             assert t.user_attrs["pruned_by"] in ("loss", "dominance"), t.user_attrs

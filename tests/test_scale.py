@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import optuna
-import polars as pl
 import pytest
 import yaml
 
@@ -45,23 +44,6 @@ def check_shared(study: optuna.Study, tmp_path):
     # No trial ran twice: each number has one record, written by one driver.
     results = [p for i in range(2) for p in (tmp_path / f"results-{i}" / "shared" / "trials").glob("*/result.json")]
     assert sorted(int(p.parent.name) for p in results) == list(range(SWEEP["n_trials"]))
-
-
-@pytest.mark.slow
-def test_two_drivers_share_a_postgresql_study(tmp_path, harness_cache, postgres_url):
-    SWEEP_PG = dict(SWEEP)
-    two_drivers(tmp_path, postgres_url)
-    study = optuna.load_study(study_name="shared", storage=postgres_url)
-    check_shared(study, tmp_path)
-    # The tables have the same shape as a single-worker run's.
-    proc = run_cli("report", str(tmp_path / "results-0" / "shared"), "--storage", postgres_url)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    shared = pl.read_parquet(tmp_path / "results-0" / "shared" / "trials.parquet")
-    single_sweep = dict(SWEEP_PG, study="single", n_trials=2)
-    (tmp_path / "single.yaml").write_text(yaml.safe_dump(single_sweep))
-    assert run_cli("run", str(tmp_path / "single.yaml"), "--results-dir", str(tmp_path / "r")).returncode == 0
-    single = pl.read_parquet(tmp_path / "r" / "single" / "trials.parquet")
-    assert shared.schema == single.schema and shared.height == 6
 
 
 @pytest.mark.slow

@@ -11,11 +11,12 @@ import time
 from datetime import datetime
 
 import optuna
+import polars as pl
 import pytest
 import sqlalchemy.exc
 import yaml
 
-from conftest import ROOT, wait_for
+from conftest import ROOT, run_cli, wait_for
 from harness.sweep import storage as S
 from harness.sweep.config import FaultTolerance
 
@@ -306,3 +307,11 @@ def test_two_drivers_ride_out_a_postgresql_restart(tmp_path, harness_cache, post
     results = [p for i in range(2) for p in (tmp_path / f"results-{i}" / "restarted" / "trials").glob("*/result.json")]
     assert sorted(int(p.parent.name) for p in results) == list(range(n)), "each trial ran once"
     assert_whole(study, n)
+    # The tables rebuild from the storage alone, on any host: into an empty folder.
+    elsewhere = tmp_path / "elsewhere" / "restarted"
+    elsewhere.mkdir(parents=True)
+    proc = run_cli("report", str(elsewhere), "--storage", postgres.url, "--no-figures")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rebuilt = pl.read_parquet(elsewhere / "trials.parquet")
+    assert rebuilt["number"].to_list() == list(range(n)) and rebuilt["val_loss"].null_count() == 0
+    assert set(pl.read_parquet(tmp_path / "results-0" / "restarted" / "trials.parquet").columns) <= set(rebuilt.columns)
