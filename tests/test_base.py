@@ -23,6 +23,7 @@ def small_recipe(monkeypatch, tmp_path):
     return spec
 
 
+@pytest.mark.slow
 def test_a_pretrained_base_builds_learns_and_is_cached(small_recipe, monkeypatch):
     progress = []
     out = build_preset("tiny-mistral-base", seed=0, on_progress=progress.append)

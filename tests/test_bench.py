@@ -22,6 +22,7 @@ def bench_run(tmp_path_factory, harness_cache):
     return out, json.loads((out / "run" / "results.json").read_text()), proc
 
 
+@pytest.mark.slow
 def test_both_backends_measured_each_in_its_own_process(bench_run):
     _, doc, proc = bench_run
     assert set(doc["results"]) == {"unsloth b4 L128 r8 gc=false", "hf b4 L128 r8 gc=false"}
@@ -40,6 +41,7 @@ def test_both_backends_measured_each_in_its_own_process(bench_run):
     assert "## Unsloth against the HF + PEFT baseline" in report and "| b4 L128 r8 gc=false |" in report
 
 
+@pytest.mark.slow
 def test_flops_reported_and_no_mfu_on_cpu(bench_run):
     """FLOPs per token counted off each backend's loaded model agree with the tiny-mistral preset's
     numbers; every MFU is None on CPU (no data-sheet peak, no measured one), and nothing crashes."""
@@ -71,6 +73,7 @@ def test_flops_reported_and_no_mfu_on_cpu(bench_run):
     assert "| MFU | MFU 6N | MFU (measured peak) |" in report and MFU_NOTE in report
 
 
+@pytest.mark.slow
 def test_same_results_against_themselves_pass(bench_run):
     out, doc, _ = bench_run
     from harness.bench.runner import Regression, compare
@@ -79,6 +82,7 @@ def test_same_results_against_themselves_pass(bench_run):
     assert rows and all(r["verdict"] == "ok" for r in rows)
 
 
+@pytest.mark.slow
 def test_a_slower_run_than_the_baseline_fails_with_junit(bench_run, tmp_path):
     out, _, _ = bench_run
     baseline = json.loads((out / "base.json").read_text())
@@ -101,6 +105,7 @@ def test_a_slower_run_than_the_baseline_fails_with_junit(bench_run, tmp_path):
     assert "**regressed**" in (tmp_path / "run" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_out_of_memory_is_recorded_not_a_crash(tmp_path, harness_cache):
     spec = yaml.safe_load((ROOT / "bench/tiny-cpu.yaml").read_text())
     # Attention scores alone would need over a terabyte: the allocator refuses at once.

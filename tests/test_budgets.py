@@ -34,6 +34,7 @@ def run_study(tmp_path, name, n_trials=None, expect=0, **changes):
     return study, proc
 
 
+@pytest.mark.slow
 def test_trials_of_different_batch_sizes_train_on_the_same_data(tmp_path, harness_cache):
     study, proc = run_study(tmp_path, "equal", n_trials=2, sampler={"name": "grid"},
                             search_space={**BASE["search_space"], "batch_size": {"choices": [2, 8]}})
@@ -63,11 +64,13 @@ def test_trials_of_different_batch_sizes_train_on_the_same_data(tmp_path, harnes
     assert f"sweep efficiency {efficiency[0]:.1%}" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_step_budget_is_flagged(tmp_path, harness_cache):
     _, _ = run_study(tmp_path, "steps", budget={"max_steps": 3, "eval_every": 3})
     assert "favours large batches" in (tmp_path / "r" / "steps" / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_one_seed_governs_a_trial_and_seeds_give_a_noise_band(tmp_path, harness_cache):
     single, _ = run_study(tmp_path, "single")
     band, proc = run_study(tmp_path, "band", seeds=3)
@@ -82,6 +85,7 @@ def test_one_seed_governs_a_trial_and_seeds_give_a_noise_band(tmp_path, harness_
     assert "over 3 seeds" in proc.stdout and "± " in (tmp_path / "r" / "band" / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_time_to_target(tmp_path, harness_cache):
     study, proc = run_study(tmp_path, "ttt", n_trials=2, sampler={"name": "grid"},
                             objective={"metric": "time_to_target", "target": 10.8, "measure": "tokens"},
@@ -101,6 +105,7 @@ def test_time_to_target(tmp_path, harness_cache):
     assert df.filter(pl.col("number") == slow.number)["feasible"].item() is False
 
 
+@pytest.mark.slow
 def test_a_resumed_study_draws_new_parameters(tmp_path, harness_cache):
     space = {**BASE["search_space"], "learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}}
     study, _ = run_study(tmp_path, "resume", n_trials=2, search_space=space, budget={"tokens": 500})
@@ -111,6 +116,7 @@ def test_a_resumed_study_draws_new_parameters(tmp_path, harness_cache):
     assert [r["trials"] for r in study.user_attrs["sweep_runs"]] == [2, 2]
 
 
+@pytest.mark.slow
 def test_rerun_the_top_configs_with_fresh_seeds(tmp_path, harness_cache):
     space = {**BASE["search_space"], "learning_rate": {"choices": [1e-3, 2e-2]}}
     run_study(tmp_path, "ranked", n_trials=2, sampler={"name": "grid"}, search_space=space, budget={"tokens": 500})

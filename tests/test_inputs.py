@@ -300,6 +300,7 @@ def test_a_second_study_on_the_same_data_does_not_tokenize_again(tmp_path, harne
 
 # -- packing and responses-only, trained for real, and secrets kept out --------------------------
 
+@pytest.mark.slow
 def test_packed_instruction_study_trains_and_keeps_secrets_out(tmp_path, harness_cache, postgres_url):
     items = [{"instruction": f"Say the number {i}.", "output": f"The number is {i}."} for i in range(120)]
     write_jsonl(tmp_path / "i.jsonl", items)

@@ -43,6 +43,7 @@ def studies(tmp_path_factory, harness_cache):
     return tmp / "r", both, full
 
 
+@pytest.mark.slow
 def test_one_study_compares_lora_and_full_fine_tuning_at_equal_data(studies):
     results, both, _ = studies
     trials = {t.params["method"]: t for t in both.trials}
@@ -69,6 +70,7 @@ def test_one_study_compares_lora_and_full_fine_tuning_at_equal_data(studies):
     assert "trainable_params" in summary and "`method=" in summary
 
 
+@pytest.mark.slow
 def test_a_full_fine_tune_is_saved_as_a_full_model_and_reloads_to_its_validation_loss(studies):
     results, _, full = studies
     study_dir = results / "full"

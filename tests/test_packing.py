@@ -249,6 +249,7 @@ def test_packing_and_batching_in_the_sweep_file():
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.slow
 def test_a_study_searches_packing_and_records_the_padding(tmp_path, harness_cache):
     """Real trials (Unsloth's CPU backend, tiny-mistral, the embedded speeches): a grid over the
     three packing modes at one seed. Padding-free trains the very rows the padded trial trains,

@@ -11,6 +11,7 @@ from conftest import ROOT, run_cli
 pytestmark = pytest.mark.timeout(900)
 
 
+@pytest.mark.slow
 def test_predicted_oom_is_skipped_and_recorded(tmp_path, harness_cache):
     sweep = {
         "study": "predicted", "seed": 0, "model": {"name": "tiny-mistral", "gradient_checkpointing": False},

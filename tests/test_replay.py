@@ -181,6 +181,7 @@ def earlier_study(results: Path, name: str) -> None:
         study.add_trial(optuna.create_trial(value=value, params={"learning_rate": lr, "lora_r": r}, distributions=dists))
 
 
+@pytest.mark.slow
 def test_warm_start_runs_the_earlier_studys_best_first(tmp_path, harness_cache):
     results = tmp_path / "r"
     earlier_study(results, "before")
@@ -200,6 +201,7 @@ def test_warm_start_runs_the_earlier_studys_best_first(tmp_path, harness_cache):
     assert "warm_start: search_space.lora_r: trial 1 of 'before' has 4, not one of the choices [16, 8]" in bad.stdout
 
 
+@pytest.mark.slow
 def test_gpu_hour_budget_stops_starting_trials(tmp_path, harness_cache):
     from harness.sweep import gpu_budget
 

@@ -187,6 +187,7 @@ def test_sqlite_heartbeats_still_fail_and_retry_a_silent_trial(tmp_path):
 
 # --- PostgreSQL restarts ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_storage_and_lock_ride_out_a_server_restart(postgres):
     faults = FaultTolerance(**FAULTS)
     study = optuna.create_study(study_name="outage", storage=S.make_storage(postgres.url, faults))
