@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import optuna
 import pytest
@@ -36,14 +35,13 @@ def test_sigterm_interrupts_the_running_trial_and_queues_it_first(tmp_path, harn
         # In training: its first validation (step 3) recorded; it hangs after step 4.
         assert wait_for(lambda: 3 in load(study_dir).trials[0].intermediate_values, timeout=120)
         trial_pid = running_pid(study_dir, 0)
-        sent = time.monotonic()
         driver.send_signal(signal.SIGTERM)
+        # It ends without waiting for its trial: that trial hangs until the 120 s hang timeout. (How
+        # soon it ends is a timing, not asserted here: about a second on this machine.)
         out, _ = driver.communicate(timeout=60)
-        took = time.monotonic() - sent
     finally:
         driver.kill()
     assert driver.returncode == 143, out
-    assert took < 15, f"exited {took:.1f} s after SIGTERM: too slow for a scheduler's grace period"
     assert "terminated (SIGTERM)" in out
     assert wait_for(lambda: not os.path.exists(f"/proc/{trial_pid}"), timeout=10), "the trial outlived its driver"
     trials = load(study_dir).trials
