@@ -44,6 +44,19 @@ def test_a_process_that_ended_without_a_report():
     assert early.number == hung.number == 3
 
 
+def test_a_signal_from_the_user_or_the_scheduler_is_an_interruption_not_a_crash():
+    import signal
+
+    ctrl_c = outcome.decide(3, None, outcome.ProcessEnd(code=-signal.SIGINT, reached_training=True), cfg())
+    assert ctrl_c.outcome == "interrupted" and "Ctrl-C" in ctrl_c.reason
+    for end in (outcome.ProcessEnd(code=-signal.SIGTERM, reached_training=True),
+                outcome.ProcessEnd(code=-9, reached_training=True, taken_back=True)):
+        taken = outcome.decide(3, None, end, cfg())
+        assert taken.outcome == "interrupted" and taken.reason == outcome.TAKEN_BACK
+    # A SIGKILL with no SIGTERM to its driver stays a crash.
+    assert outcome.decide(3, None, outcome.ProcessEnd(code=-9, reached_training=True), cfg()).state == "fail"
+
+
 def test_a_report_of_an_exception():
     oom = report(oom_error="CUDA out of memory")
     oom.failure, oom.reason = "oom", "CUDA out of memory"

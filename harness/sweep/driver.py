@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import threading
 import time
@@ -45,7 +44,6 @@ from harness.sweep.wandb_check import study_wandb_mode
 from harness.sweep.warm_start import warm_start
 
 WAIT = "wait"
-TAKEN_BACK = "stopped by SIGTERM (a scheduler's preemption, time limit or scancel): it runs again, first"
 # An interrupted trial says nothing about its config and is not its driver's fault: it is always
 # queued again (a task preempted twice loses nothing), unlike a failure, which max_retries bounds.
 INTERRUPTED_RETRIES = 10**6
@@ -282,14 +280,8 @@ def _run_sweep(cfg: SweepConfig, sweep_dir: Path, results_dir: Path, console: Co
                 finally:
                     leave_room(slot, lane)
                 end = outcome.ProcessEnd(run.code, run.hung, cfg.budget.hang_timeout_s, run.reached_training,
-                                         launcher.name, run.log_tail)
+                                         launcher.name, run.log_tail, taken_back=terminating.is_set())
                 result = outcome.decide(trial.number, run.report, end, cfg, session.pruned)
-                if result.state == "fail" and run.code == -signal.SIGINT:
-                    result = outcome.interrupted(trial.number)  # Ctrl-C reached the trial's process first
-                elif result.state == "fail" and (terminating.is_set() or run.code == -signal.SIGTERM):
-                    # Its process got the scheduler's SIGTERM too (Slurm signals the whole task),
-                    # maybe before this driver did: no crash, an interruption.
-                    result = outcome.interrupted(trial.number, TAKEN_BACK)
                 session.tracker.failed = result.state == "fail"
                 if not stop.is_set():
                     session.tracker.summarize({"outcome": result.outcome, **result.metrics.present()})
@@ -341,7 +333,7 @@ def _run_sweep(cfg: SweepConfig, sweep_dir: Path, results_dir: Path, console: Co
                 clock.stop()
             except (KeyboardInterrupt, Terminated) as err:
                 stop.set()  # no lane starts another trial
-                why = TAKEN_BACK if isinstance(err, Terminated) else None
+                why = outcome.TAKEN_BACK if isinstance(err, Terminated) else None
                 _interrupt(study, study_dir, launcher, running, running_lock, driver_id, why)
                 end = time.monotonic() + 5  # a lane recording the trial it had just finished: let it
                 while recording and time.monotonic() < end:

@@ -13,12 +13,15 @@ Torch-free.
 
 from __future__ import annotations
 
+import signal
 import socket
 import statistics
 from dataclasses import dataclass
 
 from harness.records import TrialReport, TrialResult
 from harness.sweep.config import SweepConfig
+
+TAKEN_BACK = "stopped by SIGTERM (a scheduler's preemption, time limit or scancel): it runs again, first"
 
 
 CURVE_KEYS = ("milestone", "tokens", "seconds", "val_loss", "tokens_per_s")  # each seed's curve, as recorded
@@ -34,6 +37,7 @@ class ProcessEnd:
     reached_training: bool = False  # it said it had started training
     start_method: str | None = None
     log_tail: str = ""
+    taken_back: bool = False      # its driver got SIGTERM (a scheduler took the task back)
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,20 @@ class Pruning:
 def decide(number: int, report: TrialReport | None, end: ProcessEnd, cfg: SweepConfig,
            pruned: Pruning | None = None) -> TrialResult:
     """Trial ``number``'s record, its outcome decided. ``pruned``: the driver told it to stop."""
+    record = _decide(number, report, end, cfg, pruned)
+    if record.state != "fail":
+        return record
+    if end.code == -signal.SIGINT:
+        return interrupted(number)  # Ctrl-C reached the trial's process first
+    if end.taken_back or end.code == -signal.SIGTERM:
+        # Its process got the scheduler's SIGTERM too (Slurm signals the whole task), maybe before
+        # its driver did: no crash, an interruption.
+        return interrupted(number, TAKEN_BACK)
+    return record
+
+
+def _decide(number: int, report: TrialReport | None, end: ProcessEnd, cfg: SweepConfig,
+            pruned: Pruning | None) -> TrialResult:
     common = dict(number=number, log_tail=end.log_tail, start_method=end.start_method, host=socket.gethostname())
     if report is None:
         return _no_report(end, common)
