@@ -228,6 +228,7 @@ def test_sweep_efficiency_over_the_recorded_runs(tmp_path):
     assert e.first_fixed_s == 4.0 and e.first_warmup_s == 1.0
     assert f"sweep efficiency {e.efficiency:.1%}" in e.line()
 
+
     out = build_report(study_dir)
     df = pl.read_parquet(out["parquet"])
     assert df.schema["sweep_efficiency"] == pl.Float64 and df.schema["train_steady_s"] == pl.Float64
@@ -251,3 +252,23 @@ def test_markdown_tables_show_everything_and_stay_tables():
     rows = [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines[2:]]  # "\|" is no border
     assert rows[-1][:12] == [f"{'x' * 60}{n - 1}"] * 12
     assert rows[0][12:] == ["1.45e-05", "16,784", r"a\|b c"] and rows[-1][13] == ""
+
+
+def test_a_run_that_pretrained_its_base_first_still_counts_its_trials(tmp_path):
+    """The first `make demo` on a machine: the base's pretraining is left out of the run's wall
+    time, and the trials that started after it still count."""
+    import time
+
+    from harness.sweep.efficiency import measure, record_run
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="eff", storage=url)
+    started = time.time()
+    time.sleep(0.05)
+    study.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.COMPLETE, value=1.0, params={"learning_rate": 1e-3},
+        distributions={"learning_rate": DISTRIBUTIONS["learning_rate"]},
+        user_attrs={"outcome": "complete", "reached_training": True, "train_steady_s": 2.0, "device": "cpu"}))
+    record_run(study, url, {"wall_s": 0.01, "excluded_s": 60.0, "gpus": 1, "host": "a", "started": started})
+    e = measure(study)
+    assert e.wall_s == pytest.approx(0.01) and e.trials == 1 and e.unit == "CPU", e

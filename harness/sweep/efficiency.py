@@ -149,12 +149,15 @@ def measure(study: optuna.Study) -> Efficiency | None:
     if not runs:
         return None
     intervals = [(float(r["started"]), float(r["started"]) + float(r["wall_s"])) for r in runs]
+    # A run's trials start within its whole span: its wall_s leaves out the time excluded (a base
+    # pretrained at its start), which its clock still ran through.
+    spans = [(a, b + float(r.get("excluded_s") or 0)) for (a, b), r in zip(intervals, runs)]
 
     def during_a_run(t: optuna.trial.FrozenTrial) -> bool:
         # datetime_start is the driver's clock when it asked for the trial (naive local time, as
         # time.time() is read back by timestamp()).
         start = t.datetime_start.timestamp() if t.datetime_start else None
-        return start is not None and any(a <= start <= b for a, b in intervals)
+        return start is not None and any(a <= start <= b for a, b in spans)
 
     trained = sorted((t for t in study.get_trials(deepcopy=False)
                       if t.user_attrs.get("reached_training") and during_a_run(t)), key=lambda t: t.number)
