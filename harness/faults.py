@@ -15,11 +15,14 @@ leak        the trial keeps 320 MiB of tensors alive after it ends: a warm worke
             and retires
 wandb       the trial's W&B run (kept by the driver) raises "No space left on device" at its next
             call: W&B turns off for that trial, the trial goes on
+sigterm     the driver sends itself SIGTERM as it has just asked for the trial, before starting it
+            (a scheduler taking the task back between two trials): the trial is recorded
+            interrupted, not left running
 ==========  ===================================================================================
 
 Nothing happens unless the variable is set. The fault suite (tests/test_faults.py) drives it.
 The worker injects every kind but ``wandb``, which the driver injects into its tracker
-(``harness.sweep.trackers``). Torch is imported only to inject.
+(``harness.sweep.trackers``), and ``sigterm``, which the driver sends itself. Torch is imported only to inject.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import time
 from dataclasses import dataclass
 from harness import env
 
-KINDS = ("sigkill", "segfault", "nan", "hang", "oom", "leak", "wandb")
+KINDS = ("sigkill", "segfault", "nan", "hang", "oom", "leak", "wandb", "sigterm")
 LEAKED: list = []  # what the ``leak`` fault keeps alive
 
 
@@ -56,7 +59,7 @@ def planned(trial_number: int, spec: str | None = None) -> Fault | None:
 
 
 def inject(fault: Fault, model, device: str) -> None:
-    """In the worker: make ``fault`` happen now (``wandb`` is the driver's: nothing here)."""
+    """In the worker: make ``fault`` happen now (``wandb`` and ``sigterm`` are the driver's: nothing here)."""
     import torch
 
     if fault.kind == "sigkill":

@@ -55,3 +55,18 @@ def test_sigterm_interrupts_the_running_trial_and_queues_it_first(tmp_path, harn
     from harness.sweep.study import counted_trials
 
     assert counted_trials(load(study_dir)) == 1, "the interrupted trial does not count"
+
+
+def test_sigterm_as_a_trial_is_asked_for_leaves_no_trial_running(tmp_path, harness_cache):
+    # The driver takes SIGTERM just after it has asked the study for trial 0 and before it starts it
+    # (the ``sigterm`` fault waits for the driver to stop): that trial is recorded as interrupted and
+    # queued again, not left RUNNING for another driver to find stale once its heartbeat stops.
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(dict(SWEEP, study="taken-between", n_trials=2)))
+    out = subprocess.run([sys.executable, "-m", "harness.cli", "run", str(tmp_path / "s.yaml"), "--results-dir",
+                          str(tmp_path / "results")], cwd=ROOT, env=dict(os.environ, HARNESS_FAULTS="0:sigterm"),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 143, out.stdout + out.stderr
+    trials = load(tmp_path / "results" / "taken-between").trials
+    assert [t.state for t in trials] == [State.FAIL, State.WAITING], [(t.number, t.state, t.user_attrs, t.system_attrs) for t in trials]
+    assert trials[0].user_attrs["outcome"] == "interrupted" and "SIGTERM" in trials[0].user_attrs["reason"]
+    assert trials[1].params == trials[0].params and trials[1].system_attrs["failed_trial"] == 0

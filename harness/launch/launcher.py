@@ -57,6 +57,7 @@ class Launcher:
         self.name = "fork" if fork else "warm"  # the start method each trial records
         self._workers: dict[str, WorkerHandle] = {}  # each slot's thread touches only its own key
         self._running: dict[int, tuple[WorkerHandle, int | None]] = {}
+        self._killed: set[int] = set()  # killed before they started: they never start
         self._lock = threading.Lock()
         self._slot_locks: dict[str, threading.Lock] = {}
         self._prepared = False
@@ -149,6 +150,8 @@ class Launcher:
         log.write_text("")  # the worker appends to it while the trial runs
         worker = self._ensure(slot)
         with self._lock:
+            if number in self._killed:  # the driver was interrupted while this trial was being set up
+                return TrialRun(None, -signal.SIGKILL, False, False, "", None)
             self._running[number] = (worker, None)
         messages = worker.subscribe(number)
         worker.send("trial", number=number, params=params, started_at=time.time(), log=str(log))
@@ -213,9 +216,11 @@ class Launcher:
         return TrialRun(report, code, hung, reached or bool(report and report.reached_training), log_tail(log), pid)
 
     def kill(self, number: int) -> None:
-        """End trial ``number`` now (Ctrl-C, a preemption)."""
+        """End trial ``number`` now (Ctrl-C, a preemption); one not started yet never starts."""
         with self._lock:
             running = self._running.get(number)
+            if running is None:
+                self._killed.add(number)
         if running is not None:
             self._kill(*running)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -197,7 +198,6 @@ def _run_sweep(cfg: SweepConfig, sweep_dir: Path, results_dir: Path, console: Co
     # interrupt) records it: never both.
     running: dict[str, optuna.Trial] = {}
     running_lock = threading.Lock()
-    recording: set[str] = set()  # lanes writing the record of the trial they took out
     where = placement()  # the scheduler's task this driver is, if any: on each trial
     counts = {"ran": 0, "trained": 0}
     cannot_run: list[TrialResult] = []
@@ -219,7 +219,7 @@ def _run_sweep(cfg: SweepConfig, sweep_dir: Path, results_dir: Path, console: Co
         with room[slot]:
             while True:
                 fits, why = memory.pack_fits([*on_slot[slot].values(), params])
-                if fits or not on_slot[slot]:
+                if fits or not on_slot[slot] or stop.is_set():  # stopping: the launcher will not start it
                     on_slot[slot][lane] = params
                     return None if fits else why
                 room[slot].wait(cfg.fault_tolerance.heartbeat_s)
@@ -228,6 +228,17 @@ def _run_sweep(cfg: SweepConfig, sweep_dir: Path, results_dir: Path, console: Co
         with room[slot]:
             on_slot[slot].pop(lane, None)
             room[slot].notify_all()
+
+    def hold(lane: str, trial: optuna.Trial) -> bool:
+        """The lane's trial, from the moment it is asked for, is in ``running``: an interrupt then
+        records it. One asked for as the driver stops is recorded here, as interrupted (its
+        parameters are queued again), so no trial is left running for the heartbeat to find stale."""
+        with running_lock:
+            if not stop.is_set():
+                running[lane] = trial
+                return True
+        _record_interrupted(study, study_dir, trial, driver_id, outcome.TAKEN_BACK if terminating.is_set() else None)
+        return False
 
     def slot_loop(slot: str, lane: str, display: Display) -> None:
         while not stop.is_set():
@@ -243,13 +254,18 @@ def _run_sweep(cfg: SweepConfig, sweep_dir: Path, results_dir: Path, console: Co
                     return
                 trial = _next_trial(study, cfg)
                 params = suggest(trial, cfg) if isinstance(trial, optuna.Trial) else None
+            if isinstance(trial, optuna.Trial) and (fault := faults.planned(trial.number)) and fault.kind == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)  # the test hook: taken back right here
+                stop.wait(10)
+            if isinstance(trial, optuna.Trial) and not hold(lane, trial):
+                return  # asked for as the driver stopped: recorded as interrupted
             if trial is None:
                 return
             if trial == WAIT:
                 if not waiting.is_set():
                     waiting.set()
                     display.waiting(len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))))
-                time.sleep(cfg.fault_tolerance.heartbeat_s)
+                stop.wait(cfg.fault_tolerance.heartbeat_s)
                 continue
             retry_of = next((t.system_attrs.get("failed_trial") for t in study.get_trials(deepcopy=False)
                              if t.number == trial.number), None)
@@ -264,12 +280,13 @@ def _run_sweep(cfg: SweepConfig, sweep_dir: Path, results_dir: Path, console: Co
                 # Infeasible without running: the sampler learns from it as from a real out-of-memory.
                 skipped = outcome.predicted_oom(trial.number, too_big)
                 skipped.metrics.update(**predicted)
+                with running_lock:
+                    if running.pop(lane, None) is None:
+                        return  # interrupted: the interrupt recorded it
                 record_result(study, trial, skipped, cfg.fault_tolerance.max_retries, driver_id, cfg.memory_budget_mib)
                 display.end_trial(lane, skipped, study, False)
                 counts["ran"] += 1
                 continue
-            with running_lock:
-                running[lane] = trial
             session = TrialSession(study, trial, cfg, params, lane, display, study_dir)
             with heartbeat(study, trial), session.tracker:
                 if cfg.concurrent_trials > 1:
@@ -288,19 +305,14 @@ def _run_sweep(cfg: SweepConfig, sweep_dir: Path, results_dir: Path, console: Co
             with running_lock:
                 if running.pop(lane, None) is None:
                     return  # interrupted: the interrupt recorded it
-                recording.add(lane)
-            try:
-                if prediction is not None:
-                    result.metrics.update(**predicted)
-                    if result.outcome in ("complete", "pruned", "over_budget"):
-                        memory.learn(params, result.metrics.present())
-                retries = INTERRUPTED_RETRIES if result.outcome == "interrupted" else cfg.fault_tolerance.max_retries
-                retried = record_result(study, trial, result, retries, driver_id, cfg.memory_budget_mib,
-                                        cfg.objective.target)
-                write_text_atomic(study_dir / "trials" / str(trial.number) / "result.json", result.to_json())
-            finally:
-                with running_lock:
-                    recording.discard(lane)
+            if prediction is not None:
+                result.metrics.update(**predicted)
+                if result.outcome in ("complete", "pruned", "over_budget"):
+                    memory.learn(params, result.metrics.present())
+            retries = INTERRUPTED_RETRIES if result.outcome == "interrupted" else cfg.fault_tolerance.max_retries
+            retried = record_result(study, trial, result, retries, driver_id, cfg.memory_budget_mib,
+                                    cfg.objective.target)
+            write_text_atomic(study_dir / "trials" / str(trial.number) / "result.json", result.to_json())
             promote(study, study_dir, trial.number)
             display.end_trial(lane, result, study, retried)
             counts["ran"] += 1
@@ -322,7 +334,17 @@ def _run_sweep(cfg: SweepConfig, sweep_dir: Path, results_dir: Path, console: Co
         clock.exclude(_prepare(cfg, study, sweep_dir, study_dir, console))
         launcher.prepared()
         with Display(console, cfg.n_trials, done, [lane for slot in slots for lane in lanes[slot]]) as display:
-            threads = [threading.Thread(target=slot_loop, args=(slot, lane, display), name=f"lane-{lane}", daemon=True)
+            # Each lane says when it has ended: after a join cut short by a signal, Python 3.11 may
+            # call a lane that is still running stopped (the bpo-45274 workaround).
+            ended = {lane: threading.Event() for slot in slots for lane in lanes[slot]}
+
+            def lane_main(slot: str, lane: str) -> None:
+                try:
+                    slot_loop(slot, lane, display)
+                finally:
+                    ended[lane].set()
+
+            threads = [threading.Thread(target=lane_main, args=(slot, lane), name=f"lane-{lane}", daemon=True)
                        for slot in slots for lane in lanes[slot]]
             for t in threads:
                 t.start()
@@ -335,9 +357,11 @@ def _run_sweep(cfg: SweepConfig, sweep_dir: Path, results_dir: Path, console: Co
                 stop.set()  # no lane starts another trial
                 why = outcome.TAKEN_BACK if isinstance(err, Terminated) else None
                 _interrupt(study, study_dir, launcher, running, running_lock, driver_id, why)
-                end = time.monotonic() + 5  # a lane recording the trial it had just finished: let it
-                while recording and time.monotonic() < end:
-                    time.sleep(0.05)
+                # A lane recording the trial it had just finished, or asking for one as the stop
+                # came: let it write its record (a lane whose trial was killed ends at once).
+                end = time.monotonic() + 5
+                for lane_ended in ended.values():
+                    lane_ended.wait(max(0.0, end - time.monotonic()))
                 raise
     if cannot_run:
         r = cannot_run[0]
@@ -360,9 +384,16 @@ def _interrupt(study: optuna.Study, study_dir: Path, launcher: Launcher, running
     if why is not None:
         launcher.abandon()
     for trial in taken:
-        result = outcome.interrupted(trial.number, why) if why else outcome.interrupted(trial.number)
-        record_result(study, trial, result, INTERRUPTED_RETRIES, driver_id)
-        write_text_atomic(study_dir / "trials" / str(trial.number) / "result.json", result.to_json())
+        _record_interrupted(study, study_dir, trial, driver_id, why)
+
+
+def _record_interrupted(study: optuna.Study, study_dir: Path, trial: optuna.Trial, driver_id: str,
+                        why: str | None) -> None:
+    result = outcome.interrupted(trial.number, why) if why else outcome.interrupted(trial.number)
+    record_result(study, trial, result, INTERRUPTED_RETRIES, driver_id)
+    trial_dir = study_dir / "trials" / str(trial.number)
+    trial_dir.mkdir(parents=True, exist_ok=True)  # a trial taken back before it started has none yet
+    write_text_atomic(trial_dir / "result.json", result.to_json())
 
 
 class TrialSession:
