@@ -21,8 +21,12 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/harness run sweeps/demo.yaml
 
+# Two test processes (pytest-xdist), a file each at a time: the tests wait on servers, schedulers
+# and subprocesses a third of the time; each process keeps torch to one thread (tests/conftest.py).
+TEST_PROCESSES ?= 2
+
 test: install
-	WANDB_MODE=offline $(BIN)/python -m pytest -q
+	WANDB_MODE=offline $(BIN)/python -m pytest -q -n $(TEST_PROCESSES) --dist loadfile
 
 clean:
 	rm -rf results/*/

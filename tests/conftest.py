@@ -11,6 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # No hub, no W&B server, no telemetry: everything the tests touch is local.
 os.environ.update(HF_HUB_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1", WANDB_MODE="offline",
                   TOKENIZERS_PARALLELISM="false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Several test processes share the cores: torch's threads in each would wait on one another.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +23,14 @@ def harness_cache(tmp_path_factory):
     the session borrows when it is idle: importing unsloth costs ~15 s on two cores, and studies
     are many. Studies are the same with or without it: each trial is a fresh fork either way."""
     path = tmp_path_factory.mktemp("harness-cache")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Tests in several processes (pytest-xdist): each has its own cache and resident worker,
+        # and they share what is built (the base's pretraining is minutes), one build at a time
+        # per model (harness/worker/prepare.py locks it).
+        shared = tmp_path_factory.getbasetemp().parent / "shared-cache"
+        for name in ("models", "tokens", "corpus"):
+            (shared / name).mkdir(parents=True, exist_ok=True)
+            (path / name).symlink_to(shared / name)
     os.environ["HARNESS_CACHE"] = str(path)
     up = run_cli("warm", "up", "--timeout", "300")
     assert up.returncode == 0, up.stdout + up.stderr

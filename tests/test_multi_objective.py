@@ -41,7 +41,10 @@ def test_three_objectives_each_as_measured(multi):
     for t in study.trials:
         if t.state == optuna.trial.TrialState.PRUNED:
             assert t.user_attrs["pruned_by"] in ("loss", "dominance"), t.user_attrs
-            assert t.user_attrs["pruning_saved_s"] > 0
+            # The training its remaining budget would have taken: none for one stopped at its last
+            # milestone (a dominated trial is pruned there too; how fast it ran depends on the load).
+            stopped_at = max(int(k) for k in t.user_attrs["curve"])
+            assert t.user_attrs["pruning_saved_s"] > 0 if stopped_at < 6000 else t.user_attrs["pruning_saved_s"] == 0
 
 
 def test_best_is_the_fronts_lowest_loss(multi):

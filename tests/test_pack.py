@@ -42,7 +42,9 @@ def _study(tmp_path, name: str, faults: str = "", **keys) -> optuna.Study:
 
 @pytest.mark.slow
 def test_trials_trained_together_equal_the_same_trials_alone(tmp_path, harness_cache):
-    alone = _study(tmp_path, "alone")
+    # Alone: each trial in a fork of the session's resident worker (no import of its own; a warm
+    # worker's numbers equal a fork's, tests/test_warm.py).
+    alone = _study(tmp_path, "alone", start_method="fork")
     # Three at a time; trial 1's adapter turns NaN after its second step: it fails alone, and the
     # fourth trial takes its place at once.
     together = _study(tmp_path, "together", faults="1:nan@2", concurrent_trials=3)

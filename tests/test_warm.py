@@ -153,8 +153,9 @@ def test_a_warm_group_matches_fresh_groups_and_a_failure_retires_it(tmp_path, ha
     # infrastructure failure, retried as trial 3 in a new group).
     warm = _run(tmp_path, "group", 4, faults="1:nan@2,2:sigkill@0", start_method="warm", **GROUP)
     assert not _processes_under(tmp_path / "r"), "no rank or torchrun agent outlives its study"
-    # The same configs, each in a group of its own (a group retires after one trial).
-    fresh = _run(tmp_path, "fresh", 4, start_method="warm", worker_max_trials=1, **GROUP)
+    # The configs that completed, each in a group of its own (a group retires after one trial).
+    fresh = _run(tmp_path, "fresh", 3, start_method="warm", worker_max_trials=1, sampler={"name": "random"},
+                 enqueue=[warm.trials[n].params for n in (0, 3, 4)], **GROUP)
     by_params = {tuple(sorted(t.params.items())): t for t in fresh.trials}
     attrs = {t.number: t.user_attrs for t in warm.trials}
     assert [t.state for t in warm.trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,

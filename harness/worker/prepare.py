@@ -95,6 +95,18 @@ def build_preset(name: str, seed: int, on_progress: Progress | None = None, pret
     out = preset_dir(name, seed, pretrain)
     if (out / "config.json").exists():
         return out
+    import filelock
+
+    # One build per folder at a time, whoever builds it (a study's preparation, a bench, another
+    # cache that links this models folder): a second build would replace the folder under a reader.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(out.parent / f".{out.name}.lock")):
+        if (out / "config.json").exists():
+            return out
+        return _build_preset(out, name, pretrain, seed, on_progress)
+
+
+def _build_preset(out: Path, name: str, pretrain: dict | None, seed: int, on_progress: Progress | None) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
