@@ -18,7 +18,7 @@ def small_recipe(monkeypatch, tmp_path):
     """The demo's base with a recipe small enough for a test (the real one takes minutes), in a cache of its own."""
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
     spec = dict(presets.PRESETS["tiny-mistral-base"])
-    spec["pretrain"] = dict(tokens=24_576, seq_len=64, batch_size=16, learning_rate=3e-3)
+    spec["pretrain"] = dict(tokens=24_576, seq_len=64, batch_size=16, learning_rate=3e-3, held_out=0.005)
     monkeypatch.setitem(presets.PRESETS, "tiny-mistral-base", spec)
     return spec
 

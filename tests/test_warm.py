@@ -37,12 +37,14 @@ def test_warm_workers_match_separate_processes_and_a_failure_replaces_the_worker
     # trial 3 is SIGKILLed with its worker (a crash); trial 4 leaves 320 MiB of tensors alive (its
     # worker finds them after the trial and retires). Dropout is on, so a leaked RNG state would show.
     warm = _run(tmp_path, "warm", 6, faults="2:nan@2,3:sigkill@2,4:leak@1", start_method="warm")
-    fork = _run(tmp_path, "fork", 6, start_method="fork")
-    by_params = {tuple(sorted(t.params.items())): t for t in fork.trials}
     states = [t.state for t in warm.trials]
     assert states[2] == states[3] == optuna.trial.TrialState.FAIL, states
     complete = [t for t in warm.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 4
+    # The configs that completed, each in its own process (a fork of the session's resident worker).
+    fork = _run(tmp_path, "fork", len(complete), start_method="fork", sampler={"name": "random"},
+                enqueue=[t.params for t in complete])
+    by_params = {tuple(sorted(t.params.items())): t for t in fork.trials}
     for t in complete:
         twin = by_params[tuple(sorted(t.params.items()))]
         # The same config and seed in its own process (fork) gives the same curve: no adapter,

@@ -132,6 +132,7 @@ class PretrainConfig(_Strict):
     seq_len: int | None = Field(default=None, gt=1)
     batch_size: int | None = Field(default=None, gt=0)
     learning_rate: float | None = Field(default=None, gt=0)
+    held_out: float | None = Field(default=None, gt=0, lt=1)  # share of the corpus's sequences kept out, for the held-out loss
 
 
 class ModelConfig(_Strict):

@@ -57,7 +57,7 @@ def mistral_v3_tokenizer():
 
 def preset_spec(name: str, pretrain: dict | None = None) -> dict:
     """A preset's spec, its pretraining recipe changed by ``pretrain`` (the sweep file's
-    ``model.pretrain``: tokens, seq_len, batch_size, learning_rate)."""
+    ``model.pretrain``: tokens, seq_len, batch_size, learning_rate, held_out)."""
     spec = dict(PRESETS[name])
     if pretrain:
         spec["pretrain"] = {**spec["pretrain"], **pretrain}
