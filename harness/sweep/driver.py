@@ -254,11 +254,12 @@ def _run_sweep(cfg: SweepConfig, sweep_dir: Path, results_dir: Path, console: Co
                     return
                 trial = _next_trial(study, cfg)
                 params = suggest(trial, cfg) if isinstance(trial, optuna.Trial) else None
-            if isinstance(trial, optuna.Trial) and (fault := faults.planned(trial.number)) and fault.kind == "sigterm":
-                os.kill(os.getpid(), signal.SIGTERM)  # the test hook: taken back right here
-                stop.wait(10)
-            if isinstance(trial, optuna.Trial) and not hold(lane, trial):
-                return  # asked for as the driver stopped: recorded as interrupted
+            if isinstance(trial, optuna.Trial):
+                if (fault := faults.planned(trial.number)) and fault.kind == "sigterm":
+                    os.kill(os.getpid(), signal.SIGTERM)  # the test hook: taken back right here
+                    stop.wait(10)
+                if not hold(lane, trial):
+                    return  # asked for as the driver stopped: recorded as interrupted
             if trial is None:
                 return
             if trial == WAIT:
